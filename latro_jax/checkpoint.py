@@ -1,0 +1,122 @@
+"""Model checkpoints on disk: Orbax params, the model config, and the HF files that travel with them.
+
+Layout of a model checkpoint directory:
+
+    params/              Orbax PyTree checkpoint of the params (a pure dict of arrays)
+    model_config.json    latro-jax `ModelConfig`
+    hf/                  the source's config.json, generation_config.json and tokenizer files,
+                         verbatim, so that an export gives back what came in
+
+A checkpoint is written into a temporary sibling directory and renamed into place only when
+complete: a failure leaves no partial checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from latro_jax.config import ModelConfig, RopeConfig
+from latro_jax.model import abstract_params
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "model_config.json"
+HF_DIR = "hf"
+
+
+def config_to_json(config: ModelConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=1)
+
+
+def config_from_json(text: str) -> ModelConfig:
+    fields = json.loads(text)
+    rope = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.pop("rope").items()}
+    fields["sliding_windows"] = tuple(fields["sliding_windows"])
+    fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
+    return ModelConfig(rope=RopeConfig(**rope), **fields)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary directory that replaces `path` only if the block completes."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} already exists; choose another output path or remove it")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_params(path: str | os.PathLike, params: nnx.State) -> None:
+    """Orbax PyTree save of the params; blocks until written."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath(os.fspath(path)), nnx.to_pure_dict(params))
+        checkpointer.wait_until_finished()
+
+
+def restore_params(path: str | os.PathLike, config: ModelConfig, shardings=None) -> nnx.State:
+    """Restore params saved by `save_params` into the structure (and dtypes) `config` describes.
+
+    `shardings`, a pytree of `jax.sharding.Sharding` matching the params, restores each array
+    straight into its shards; None places everything on the default device.
+    """
+    abstract = abstract_params(config)
+    target = nnx.to_pure_dict(abstract)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), target)
+    else:
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, nnx.to_pure_dict(shardings)
+        )
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(os.path.abspath(os.fspath(path)), target)
+    nnx.replace_by_pure_dict(abstract, restored)
+    return abstract
+
+
+def save_model(
+    path: str | os.PathLike, config: ModelConfig, params: nnx.State, hf_files: dict[str, str] | None = None
+) -> None:
+    """Write a model checkpoint directory; `hf_files` maps names under hf/ to files to copy."""
+    with atomic_directory(path) as tmp:
+        save_params(os.path.join(tmp, PARAMS_DIR), params)
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            f.write(config_to_json(config))
+        os.makedirs(os.path.join(tmp, HF_DIR))
+        for name, source in (hf_files or {}).items():
+            shutil.copyfile(source, os.path.join(tmp, HF_DIR, name))
+
+
+def load_model(path: str | os.PathLike, **config_overrides) -> tuple[ModelConfig, nnx.State]:
+    """Read a model checkpoint directory. `config_overrides` (e.g. dtype="bfloat16") apply on load;
+    a different `param_dtype` casts the stored params."""
+    path = os.fspath(path)
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"{path} is not a latro-jax model checkpoint (no {CONFIG_FILE}); convert HF weights with "
+            "`make convert SRC=<hf dir or hub id> OUT=<dir>`"
+        )
+    with open(config_path) as f:
+        stored = config_from_json(f.read())
+    params = restore_params(os.path.join(path, PARAMS_DIR), stored)
+    config = stored.replace(**config_overrides)
+    if config.param_dtype != stored.param_dtype:
+        params = jax.tree.map(lambda x: x.astype(config.param_dtype), params)
+    return config, params

@@ -1,0 +1,200 @@
+"""Hugging Face safetensors <-> latro-jax model checkpoints.
+
+`convert_hf` reads an HF model directory (or downloads a hub id), one tensor at a time, into a
+latro-jax checkpoint (see latro_jax.checkpoint). `export_hf` writes a checkpoint back as an HF
+directory that `AutoModelForCausalLM.from_pretrained` and vLLM load: config.json,
+generation_config.json, tokenizer files, and safetensors shards (about 5 GB each) with an index.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from latro_jax.checkpoint import HF_DIR, atomic_directory, load_model, save_model
+from latro_jax.config import ModelConfig
+from latro_jax.convert.weights import (
+    WeightError,
+    check_names,
+    flat_params,
+    hf_shape,
+    hf_tensor,
+    params_from_tensors,
+    weight_map,
+)
+from latro_jax.model import abstract_params
+
+# Files copied verbatim from an HF directory into a checkpoint and back out on export.
+HF_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
+
+
+def resolve_source(source: str) -> str:
+    """A local HF directory as is; anything else is taken as a hub id and downloaded."""
+    if os.path.isdir(source):
+        return source
+    if os.path.exists(source):
+        raise WeightError(f"{source}: expected an HF model directory, found a file")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.safetensors", SAFETENSORS_INDEX, *HF_SIDE_FILES]
+    return snapshot_download(source, allow_patterns=patterns)
+
+
+def safetensors_files(directory: str) -> dict[str, str]:
+    """Tensor name -> the safetensors file in `directory` that holds it (index or scan)."""
+    index = os.path.join(directory, SAFETENSORS_INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map_ = json.load(f).get("weight_map")
+        if not isinstance(weight_map_, dict):
+            raise WeightError(f"{index}: no 'weight_map' object")
+        located = {name: os.path.join(directory, file) for name, file in weight_map_.items()}
+        for file in sorted(set(located.values())):
+            if not os.path.isfile(file):
+                raise WeightError(f"{index}: lists {os.path.basename(file)}, which is not in {directory}")
+        return located
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        other = sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "*.bin")))
+        hint = f" (found {other}: PyTorch .bin weights are not read; save with safe_serialization)" if other else ""
+        raise WeightError(f"{directory}: no *.safetensors weights{hint}")
+    located = {}
+    for file in files:
+        with safe_open(file, framework="numpy") as f:
+            located.update({name: file for name in f.keys()})
+    return located
+
+
+def dtype_of_hf_config(hf_config: dict) -> str | None:
+    dtype = hf_config.get("dtype") or hf_config.get("torch_dtype")
+    return dtype if dtype in TORCH_DTYPES else None
+
+
+def convert_hf(
+    source: str,
+    output: str | os.PathLike,
+    param_dtype: str | None = None,
+) -> ModelConfig:
+    """HF model (directory or hub id) -> latro-jax checkpoint at `output`. Returns its config.
+
+    `param_dtype` defaults to the checkpoint's own dtype (config.json `dtype`/`torch_dtype`).
+    """
+    directory = resolve_source(source)
+    config_path = os.path.join(directory, "config.json")
+    config = ModelConfig.from_hf(config_path)
+    with open(config_path) as f:
+        stored_dtype = dtype_of_hf_config(json.load(f))
+    config = config.replace(param_dtype=param_dtype or stored_dtype or "float32")
+
+    located = safetensors_files(directory)
+    check_names(config, set(located), directory)
+    handles: dict[str, object] = {}
+    progress = tqdm(total=len(weight_map(config)), desc="convert", unit="tensor", leave=False)
+
+    def read(name: str) -> tuple[np.ndarray, str]:
+        file = located[name]
+        if file not in handles:
+            handles[file] = safe_open(file, framework="numpy").__enter__()
+        progress.update()
+        return handles[file].get_tensor(name), file
+
+    try:
+        params = params_from_tensors(config, abstract_params(config), read)
+    finally:
+        progress.close()
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
+    side_files = {
+        name: os.path.join(directory, name)
+        for name in HF_SIDE_FILES
+        if os.path.isfile(os.path.join(directory, name))
+    }
+    save_model(output, config, params, side_files)
+    return config
+
+
+def _generation_config(config: ModelConfig) -> dict:
+    eos = list(config.eos_token_ids)
+    return {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else eos,
+        "pad_token_id": config.pad_token_id,
+    }
+
+
+def export_hf(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    dtype: str | None = None,
+    max_shard_size: int | str = "5GB",
+) -> None:
+    """latro-jax checkpoint -> HF directory at `output`.
+
+    `dtype` defaults to the source HF checkpoint's dtype when known, else the params' dtype.
+    Shards hold at most `max_shard_size` bytes each (huggingface_hub's splitting rule).
+    """
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    config, params = load_model(checkpoint)
+    side = os.path.join(os.fspath(checkpoint), HF_DIR)
+    hf_config_path = os.path.join(side, "config.json")
+    if os.path.isfile(hf_config_path):
+        with open(hf_config_path) as f:
+            hf_config = json.load(f)
+    else:
+        hf_config = config.to_hf()
+    dtype = dtype or dtype_of_hf_config(hf_config) or config.param_dtype
+    np_dtype = np.dtype(TORCH_DTYPES[dtype])
+    rewrite_config = dtype_of_hf_config(hf_config) != dtype or not os.path.isfile(hf_config_path)
+    if rewrite_config:
+        hf_config["dtype"] = dtype
+        hf_config.pop("torch_dtype", None)
+
+    shapes = {name: hf_shape(pieces) for name, pieces in weight_map(config).items()}
+    split = split_state_dict_into_shards_factory(
+        shapes,
+        get_storage_size=lambda shape: int(np.prod(shape)) * np_dtype.itemsize,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    flat = flat_params(params)
+    with atomic_directory(output) as tmp:
+        for file, names in tqdm(split.filename_to_tensors.items(), desc="export", unit="shard", leave=False):
+            tensors = {name: hf_tensor(config, flat, name, np_dtype) for name in names}
+            save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
+            del tensors
+        if split.is_sharded:
+            index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
+            with open(os.path.join(tmp, SAFETENSORS_INDEX), "w") as f:
+                json.dump(index, f, indent=2)
+        for name in HF_SIDE_FILES:
+            if os.path.isfile(os.path.join(side, name)) and not (name == "config.json" and rewrite_config):
+                shutil.copyfile(os.path.join(side, name), os.path.join(tmp, name))
+        if rewrite_config:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(hf_config, f, indent=2)
+        if not os.path.isfile(os.path.join(tmp, "generation_config.json")):
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump(_generation_config(config), f, indent=2)

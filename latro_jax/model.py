@@ -1,0 +1,269 @@
+"""A decoder-only transformer of the Llama family in Flax NNX, and its pure forward function.
+
+Every parameter is an `nnx.Param` whose `out_sharding` metadata holds logical axis names
+(`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`); `latro_jax.sharding` maps them to
+mesh axes. With no mesh the names are inert and the model runs on one device.
+
+The library works on the split form: `graphdef, params = nnx.split(model)` once, outside jit;
+`forward(config, params, ...)` merges inside, so params are an ordinary pytree argument.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from latro_jax.config import ModelConfig
+from latro_jax.rope import apply_rotary, rotary_tables
+
+# Logical axis names, one per array dimension, for each kind of weight.
+AXES = {
+    "embedding": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "norm": ("embed",),
+    "head_norm": ("head_dim",),
+    "q_proj": ("embed", "heads", "head_dim"),
+    "kv_proj": ("embed", "kv_heads", "head_dim"),
+    "q_bias": ("heads", "head_dim"),
+    "kv_bias": ("kv_heads", "head_dim"),
+    "o_proj": ("heads", "head_dim", "embed"),
+    "o_bias": ("embed",),
+    "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"),
+}
+
+
+def _param(rngs: nnx.Rngs, shape, axes: str, dtype, init: str = "normal") -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, out_sharding=AXES[axes])
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, axes: str, *, dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = _param(rngs, (dim,), axes, dtype, init="ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = _param(rngs, (d, h, hd), "q_proj", dtype)
+        self.k_proj = _param(rngs, (d, kv, hd), "kv_proj", dtype)
+        self.v_proj = _param(rngs, (d, kv, hd), "kv_proj", dtype)
+        self.o_proj = _param(rngs, (h, hd, d), "o_proj", dtype)
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, (h, hd), "q_bias", dtype, init="zeros")
+            self.k_bias = _param(rngs, (kv, hd), "kv_bias", dtype, init="zeros")
+            self.v_bias = _param(rngs, (kv, hd), "kv_bias", dtype, init="zeros")
+        if cfg.o_bias:
+            self.o_bias = _param(rngs, (d,), "o_bias", dtype, init="zeros")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, "head_norm", dtype=dtype, rngs=rngs)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, "head_norm", dtype=dtype, rngs=rngs)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.gate_proj = _param(rngs, (cfg.hidden_size, cfg.intermediate_size), "up_proj", dtype)
+        self.up_proj = _param(rngs, (cfg.hidden_size, cfg.intermediate_size), "up_proj", dtype)
+        self.down_proj = _param(rngs, (cfg.intermediate_size, cfg.hidden_size), "down_proj", dtype)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", dtype=dtype, rngs=rngs)
+        self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", dtype=dtype, rngs=rngs)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+
+class Transformer(nnx.Module):
+    """Parameters of the decoder. Computation lives in `forward`, a pure function."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.param_dtype)
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), "embedding", dtype)
+        self.layers = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", dtype=dtype, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), "lm_head", dtype)
+
+
+def _build(config: ModelConfig, seed: int) -> Transformer:
+    # Logical axis names are metadata for latro_jax.sharding; no mesh is needed to build.
+    with nnx.use_eager_sharding(False):
+        return Transformer(config, rngs=nnx.Rngs(seed))
+
+
+def init_params(config: ModelConfig, seed: int = 0) -> nnx.State:
+    """Randomly initialised params (normal, std 0.02; norms 1, biases 0)."""
+    return nnx.state(_build(config, seed))
+
+
+def abstract_params(config: ModelConfig) -> nnx.State:
+    """The params' structure as `jax.ShapeDtypeStruct`s (with metadata); allocates nothing."""
+    return nnx.state(nnx.eval_shape(lambda: _build(config, 0)))
+
+
+@functools.lru_cache(maxsize=None)
+def graphdef(config: ModelConfig) -> nnx.GraphDef:
+    return nnx.split(nnx.eval_shape(lambda: _build(config, 0)))[0]
+
+
+class KVCache(NamedTuple):
+    """Keys and values of past tokens.
+
+    k, v: one [batch, max_len, kv_heads, head_dim] array per layer.
+    positions: [batch, max_len] int32, the position of the token in each slot; -1 = empty or padding.
+    index: [] int32, the next slot to write (all rows write the same slot: prompts are padded).
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    positions: jax.Array
+    index: jax.Array
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(config.dtype)
+    return KVCache(
+        k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        positions=jnp.full((batch, max_len), -1, jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def _attend(q, k, v, q_pos, k_pos, window: int | None) -> jax.Array:
+    """q: [B, T, H, D]; k, v: [B, S, KV, D]; q_pos [B, T], k_pos [B, S] (-1 = not attendable)."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
+    allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+    if window is not None:
+        allowed &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def _attention_block(attn: Attention, cfg: ModelConfig, x, cos, sin, q_pos, k_pos, cache_kv, index, window):
+    dtype = x.dtype
+    q = jnp.einsum("btd,dhk->bthk", x, attn.q_proj[...].astype(dtype))
+    k = jnp.einsum("btd,dhk->bthk", x, attn.k_proj[...].astype(dtype))
+    v = jnp.einsum("btd,dhk->bthk", x, attn.v_proj[...].astype(dtype))
+    if cfg.qkv_bias:
+        q = q + attn.q_bias[...].astype(dtype)
+        k = k + attn.k_bias[...].astype(dtype)
+        v = v + attn.v_bias[...].astype(dtype)
+    if cfg.qk_norm:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if cache_kv is not None:
+        cache_k, cache_v = cache_kv
+        k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
+        cache_kv = (k, v)
+    out = _attend(q, k.astype(dtype), v.astype(dtype), q_pos, k_pos, window)
+    out = jnp.einsum("bthk,hkd->btd", out, attn.o_proj[...].astype(dtype))
+    if cfg.o_bias:
+        out = out + attn.o_bias[...].astype(dtype)
+    return out, cache_kv
+
+
+def _mlp(mlp: MLP, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    gate = x @ mlp.gate_proj[...].astype(dtype)
+    up = x @ mlp.up_proj[...].astype(dtype)
+    return (jax.nn.silu(gate) * up) @ mlp.down_proj[...].astype(dtype)
+
+
+def hidden_states(
+    config: ModelConfig,
+    params: nnx.State,
+    tokens: jax.Array,
+    positions: jax.Array,
+    attention_mask: jax.Array | None = None,
+    cache: KVCache | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+    """The decoder up to the final norm: [batch, seq, hidden] in the compute dtype.
+
+    tokens, positions: [batch, seq] int; attention_mask: [batch, seq] bool (True = real token),
+    None = all real. With a cache the tokens are written at slots cache.index..index+seq and
+    attend to everything cached before them.
+    """
+    model = nnx.merge(graphdef(config), params)
+    dtype = jnp.dtype(config.dtype)
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, bool)
+    q_pos = jnp.where(attention_mask, positions, -1).astype(jnp.int32)
+    cos, sin = rotary_tables(config, jnp.maximum(q_pos, 0))
+
+    if cache is None:
+        k_pos = q_pos
+    else:
+        k_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, q_pos, cache.index, axis=1)
+
+    x = model.embed[...].astype(dtype)[tokens]
+    new_k, new_v = [], []
+    for i, layer in enumerate(model.layers):
+        cache_kv = None if cache is None else (cache.k[i], cache.v[i])
+        index = None if cache is None else cache.index
+        attn_out, cache_kv = _attention_block(
+            layer.attn, config, layer.input_norm(x), cos, sin, q_pos, k_pos, cache_kv, index,
+            config.sliding_windows[i],
+        )
+        x = x + attn_out
+        x = x + _mlp(layer.mlp, layer.post_attn_norm(x))
+        if cache is not None:
+            new_k.append(cache_kv[0])
+            new_v.append(cache_kv[1])
+    x = model.final_norm(x)
+    if cache is not None:
+        cache = KVCache(tuple(new_k), tuple(new_v), k_pos, cache.index + tokens.shape[1])
+    return x, cache
+
+
+def lm_head_weight(config: ModelConfig, params: nnx.State) -> jax.Array:
+    """The output projection as [hidden, vocab] (the transposed embedding when tied)."""
+    if config.tie_word_embeddings:
+        return params["embed"][...].T
+    return params["lm_head"][...]
+
+
+def forward(
+    config: ModelConfig,
+    params: nnx.State,
+    tokens: jax.Array,
+    positions: jax.Array,
+    attention_mask: jax.Array | None = None,
+    cache: KVCache | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+    """Logits [batch, seq, vocab] in float32, and the updated cache (None without one)."""
+    x, cache = hidden_states(config, params, tokens, positions, attention_mask, cache)
+    head = lm_head_weight(config, params).astype(x.dtype)
+    logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+    return logits, cache
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Positions 0.. of the real tokens in each row of a left- or right-padded batch; 0 on padding."""
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0) * mask
