@@ -1,0 +1,31 @@
+# Every target creates and uses the project's virtual environment (.venv) itself.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-requirements
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: setup test convert export clean-venv
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# PYTEST_ARGS="-k parity" narrows the run.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --durations=10 $(PYTEST_ARGS) tests
+
+# make convert SRC=<HF dir or hub id> OUT=<checkpoint dir> [ARGS="--param-dtype bfloat16"]
+convert: $(STAMP)
+	$(BIN)/python tools/convert_hf.py $(SRC) $(OUT) $(ARGS)
+
+# make export CKPT=<checkpoint dir> OUT=<HF dir> [ARGS="--dtype bfloat16"]
+export: $(STAMP)
+	$(BIN)/python tools/export_hf.py $(CKPT) $(OUT) $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,180 @@
+"""HF -> latro-jax -> HF round trips, and clear errors (with no partial output) on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from hf_models import FAMILIES, make_hf_model, mixed_batch
+from latro_jax.checkpoint import load_model
+from latro_jax.config import ConfigError
+from latro_jax.convert.hf import SAFETENSORS_INDEX, convert_hf, export_hf
+from latro_jax.convert.weights import WeightError
+
+REPO = os.path.join(os.path.dirname(__file__), "..")
+
+
+def read_tensors(directory) -> dict[str, np.ndarray]:
+    tensors = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(directory, name), framework="numpy") as f:
+                tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert a[name].shape == b[name].shape, name
+        assert a[name].tobytes() == b[name].tobytes(), f"{name} differs"
+
+
+def logits_of(model):
+    ids, mask, positions = mixed_batch()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions.masked_fill(mask == 0, 1)).logits
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_round_trip_is_bit_exact(family, tmp_path):
+    model = make_hf_model(family)
+    model.save_pretrained(tmp_path / "hf")
+    convert_hf(str(tmp_path / "hf"), tmp_path / "ckpt")
+    export_hf(tmp_path / "ckpt", tmp_path / "out")
+
+    assert_same_tensors(read_tensors(tmp_path / "hf"), read_tensors(tmp_path / "out"))
+    for name in ("config.json", "generation_config.json"):
+        with open(tmp_path / "hf" / name) as f, open(tmp_path / "out" / name) as g:
+            assert json.load(f) == json.load(g), name
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    assert torch.equal(logits_of(reloaded), logits_of(model))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_export_without_source_config_loads_in_transformers(family, tmp_path):
+    """A checkpoint with no HF config beside it (trained from scratch, or from llama2.c) exports
+    a config.json generated from ModelConfig that transformers reads as the same model."""
+    model = make_hf_model(family)
+    model.save_pretrained(tmp_path / "hf")
+    convert_hf(str(tmp_path / "hf"), tmp_path / "ckpt")
+    for name in ("config.json", "generation_config.json"):
+        os.remove(tmp_path / "ckpt" / "hf" / name)
+    export_hf(tmp_path / "ckpt", tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    assert type(reloaded) is type(model)
+    torch.testing.assert_close(logits_of(reloaded), logits_of(model), atol=0, rtol=0)
+
+
+def test_bf16_round_trip_through_f32_params_and_sharded_export(tmp_path):
+    model = make_hf_model("llama", dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf")
+    config = convert_hf(str(tmp_path / "hf"), tmp_path / "ckpt", param_dtype="float32")
+    assert config.param_dtype == "float32"
+    _, params = load_model(tmp_path / "ckpt")
+    assert params["embed"][...].dtype == np.float32
+    export_hf(tmp_path / "ckpt", tmp_path / "out", max_shard_size="60KB")  # bf16 back: the source's dtype
+
+    shards = [n for n in os.listdir(tmp_path / "out") if n.endswith(".safetensors")]
+    assert len(shards) > 1 and os.path.isfile(tmp_path / "out" / SAFETENSORS_INDEX)
+    assert_same_tensors(read_tensors(tmp_path / "hf"), read_tensors(tmp_path / "out"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    assert torch.equal(logits_of(reloaded), logits_of(model))
+
+
+def test_convert_reads_sharded_input(tmp_path):
+    model = make_hf_model("mistral")
+    model.save_pretrained(tmp_path / "hf", max_shard_size="50KB")
+    assert os.path.isfile(tmp_path / "hf" / SAFETENSORS_INDEX)
+    convert_hf(str(tmp_path / "hf"), tmp_path / "ckpt")
+    export_hf(tmp_path / "ckpt", tmp_path / "out")
+    assert_same_tensors(read_tensors(tmp_path / "hf"), read_tensors(tmp_path / "out"))
+
+
+# ---- bad input: one clear error each, and no partial checkpoint --------------------------------
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    path = tmp_path / "hf"
+    make_hf_model("llama").save_pretrained(path)
+    return path
+
+
+def only_weights_file(directory):
+    (name,) = [n for n in os.listdir(directory) if n.endswith(".safetensors")]
+    return directory / name
+
+
+def assert_nothing_written(parent):
+    assert not os.path.exists(parent / "ckpt")
+    assert not [n for n in os.listdir(parent) if "partial" in n]
+
+
+def test_directory_without_weights(hf_dir, tmp_path):
+    os.remove(only_weights_file(hf_dir))
+    with pytest.raises(WeightError, match=rf"{hf_dir}: no \*\.safetensors"):
+        convert_hf(str(hf_dir), tmp_path / "ckpt")
+    assert_nothing_written(tmp_path)
+
+
+def test_unsupported_architecture(hf_dir, tmp_path):
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["model_type"] = "gpt_neox"
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"config\.json: model_type='gpt_neox' is not supported"):
+        convert_hf(str(hf_dir), tmp_path / "ckpt")
+    assert_nothing_written(tmp_path)
+
+
+def test_missing_tensor(hf_dir, tmp_path):
+    weights = only_weights_file(hf_dir)
+    tensors = load_file(weights)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(WeightError, match=r"tensor 'model\.layers\.1\.mlp\.up_proj\.weight' is missing"):
+        convert_hf(str(hf_dir), tmp_path / "ckpt")
+    assert_nothing_written(tmp_path)
+
+
+def test_tensor_of_wrong_shape(hf_dir, tmp_path):
+    weights = only_weights_file(hf_dir)
+    tensors = load_file(weights)
+    tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((8, 64), np.float32)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(WeightError, match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' "
+                                          r"has shape \(8, 64\), expected \(32, 64\)"):
+        convert_hf(str(hf_dir), tmp_path / "ckpt")
+    assert_nothing_written(tmp_path)
+
+
+def test_unexpected_tensor(hf_dir, tmp_path):
+    weights = only_weights_file(hf_dir)
+    tensors = load_file(weights)
+    tensors["model.layers.0.mlp.up_proj.bias"] = np.zeros((96,), np.float32)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(WeightError, match=r"up_proj\.bias.*no place"):
+        convert_hf(str(hf_dir), tmp_path / "ckpt")
+    assert_nothing_written(tmp_path)
+
+
+def test_cli_reports_error_without_traceback(hf_dir, tmp_path):
+    os.remove(only_weights_file(hf_dir))
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "convert_hf.py"), str(hf_dir), str(tmp_path / "ckpt")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "no *.safetensors" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert_nothing_written(tmp_path)
