@@ -152,7 +152,7 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
+            "eos_token_id": eos_for_hf(self.eos_token_ids),
             "pad_token_id": self.pad_token_id,
             "torch_dtype": self.param_dtype,
             "rope_parameters": _rope_to_hf(self.rope),
@@ -187,6 +187,11 @@ _HF_FAMILY = {
 }
 
 
+def eos_for_hf(ids: tuple[int, ...]) -> int | list[int] | None:
+    """HF writes one EOS id as an int, several as a list, none as null."""
+    return None if not ids else ids[0] if len(ids) == 1 else list(ids)
+
+
 def _as_tuple(ids) -> tuple[int, ...]:
     if ids is None:
         return ()
@@ -215,6 +220,8 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     unknown = set(params) - known
     if unknown:
         raise ConfigError(f"rope option(s) {sorted(unknown)} are not supported for rope type {rope_type!r}")
+    if rope_type == "linear" and "factor" not in params:
+        raise ConfigError("rope type 'linear' needs rope_parameters['factor']")
     if rope_type == "llama3":
         for key in ("factor", "low_freq_factor", "high_freq_factor"):
             if key not in params:

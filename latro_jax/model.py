@@ -130,6 +130,8 @@ class KVCache(NamedTuple):
     k, v: one [batch, max_len, kv_heads, head_dim] array per layer.
     positions: [batch, max_len] int32, the position of the token in each slot; -1 = empty or padding.
     index: [] int32, the next slot to write (all rows write the same slot: prompts are padded).
+    Callers size max_len for everything they will write: a write past the end is clamped by
+    XLA (it would overwrite the last slots), so the sampler allocates prompt + generation + room.
     """
 
     k: tuple[jax.Array, ...]
@@ -221,7 +223,7 @@ def hidden_states(
     else:
         k_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, q_pos, cache.index, axis=1)
 
-    x = model.embed[...].astype(dtype)[tokens]
+    x = model.embed[...][tokens].astype(dtype)  # gather, then cast: never the whole table
     new_k, new_v = [], []
     for i, layer in enumerate(model.layers):
         cache_kv = None if cache is None else (cache.k[i], cache.v[i])

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from latro_jax.checkpoint import HF_DIR, atomic_directory, load_model, save_model
-from latro_jax.config import ModelConfig
+from latro_jax.config import ModelConfig, eos_for_hf
 from latro_jax.convert.weights import (
     WeightError,
     check_names,
@@ -136,10 +136,9 @@ def convert_hf(
 
 
 def _generation_config(config: ModelConfig) -> dict:
-    eos = list(config.eos_token_ids)
     return {
         "bos_token_id": config.bos_token_id,
-        "eos_token_id": eos[0] if len(eos) == 1 else eos,
+        "eos_token_id": eos_for_hf(config.eos_token_ids),
         "pad_token_id": config.pad_token_id,
     }
 

@@ -170,7 +170,10 @@ def load_llama2c(path: str | os.PathLike, param_dtype: str = "float32"):
 
 
 def convert_llama2c(
-    path: str | os.PathLike, output: str | os.PathLike, tokenizer_model: str | os.PathLike | None = None
+    path: str | os.PathLike,
+    output: str | os.PathLike,
+    tokenizer_model: str | os.PathLike | None = None,
+    param_dtype: str = "float32",
 ) -> ModelConfig:
     """llama2.c legacy checkpoint -> latro-jax checkpoint at `output`. Returns its config.
 
@@ -182,6 +185,6 @@ def convert_llama2c(
         if not os.path.isfile(tokenizer_model):
             raise FileNotFoundError(f"{os.fspath(tokenizer_model)}: no such tokenizer file")
         hf_files["tokenizer.model"] = os.fspath(tokenizer_model)
-    config, params = load_llama2c(path)
+    config, params = load_llama2c(path, param_dtype)
     save_model(output, config, params, hf_files)
     return config
