@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-requirements
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup test convert export clean-venv
+.PHONY: setup test convert export bench clean-venv
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ convert: $(STAMP)
 # make export CKPT=<checkpoint dir> OUT=<HF dir> [ARGS="--dtype bfloat16"]
 export: $(STAMP)
 	$(BIN)/python tools/export_hf.py $(CKPT) $(OUT) $(ARGS)
+
+# Sampler and scorer throughput beside transformers on the same weights. ARGS="--config llama8b" on a GPU.
+bench: $(STAMP)
+	$(BIN)/python tools/bench.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
