@@ -8,6 +8,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from latro_jax.checkpoint import load_model
+from latro_jax.convert.hf import convert_hf
+
 VOCAB = 128
 BASE = dict(
     vocab_size=VOCAB,
@@ -75,3 +78,16 @@ def mixed_batch(seed: int = 0, batch: int = 4, length: int = 12):
     mask[1, length - 3 :] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0) * mask
     return ids, mask, positions
+
+
+def convert(model, tmp_path):
+    """Save a transformers model, convert it, and load it: (ModelConfig, params)."""
+    model.save_pretrained(tmp_path / "hf")
+    convert_hf(str(tmp_path / "hf"), tmp_path / "ckpt")
+    return load_model(tmp_path / "ckpt")
+
+
+def hf_logits(model, ids, mask, positions):
+    """transformers' logits with positions given explicitly (1 on padding, as its generate does)."""
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions.masked_fill(mask == 0, 1)).logits.numpy()

@@ -10,27 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
-from hf_models import FAMILIES, make_hf_model, mixed_batch
-from latro_jax.checkpoint import load_model
+from hf_models import FAMILIES, convert, hf_logits, make_hf_model, mixed_batch
 from latro_jax.config import ConfigError, ModelConfig
-from latro_jax.convert.hf import convert_hf
 from latro_jax.model import forward, init_cache, init_params, positions_from_mask
 
 forward_jit = jax.jit(forward, static_argnums=0)
-
-
-def convert(model, tmp_path):
-    hf_dir = tmp_path / "hf"
-    model.save_pretrained(hf_dir)
-    convert_hf(str(hf_dir), tmp_path / "ckpt")
-    return load_model(tmp_path / "ckpt")
-
-
-def hf_logits(model, ids, mask, positions):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions.masked_fill(mask == 0, 1)).logits.numpy()
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

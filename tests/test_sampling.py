@@ -19,9 +19,7 @@ import torch
 from scipy import stats
 
 from conftest import require
-from hf_models import FAMILIES, make_hf_model
-from latro_jax.checkpoint import load_model
-from latro_jax.convert.hf import convert_hf
+from hf_models import FAMILIES, convert, make_hf_model
 from latro_jax.convert.llama2c import load_llama2c
 from latro_jax.config import ModelConfig
 from latro_jax.model import init_params
@@ -32,15 +30,13 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [20]]
 
 def converted(family, tmp_path, **overrides):
     model = make_hf_model(family, **overrides)
-    model.save_pretrained(tmp_path / "hf")
-    convert_hf(str(tmp_path / "hf"), tmp_path / "ckpt")
-    return model, *load_model(tmp_path / "ckpt")
+    return model, *convert(model, tmp_path)
 
 
 def hf_generate_greedy(model, prompts, new_tokens):
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = (ids != 0).long() * 0 + torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
