@@ -23,7 +23,7 @@ from hf_models import FAMILIES, convert, make_hf_model
 from latro_jax.convert.llama2c import load_llama2c
 from latro_jax.config import ModelConfig
 from latro_jax.model import init_params
-from latro_jax.sampling import SamplingConfig, sample, sample_padded
+from latro_jax.sampling import SamplingConfig, categorical, sample, sample_padded
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [20]]
 
@@ -221,3 +221,15 @@ def test_one_compilation_per_bucket():
         out = sample(config, params, prompts, jax.random.key(i), sampling)
         assert out.tokens.shape == (6, sampling.max_new_tokens)
     assert sample_padded._cache_size() - before == 1
+
+
+def test_block_categorical_follows_softmax_over_many_blocks():
+    """`categorical` on a vocabulary of 8 partial blocks (1000 = 7 x 128 + 104), with a third of
+    the tokens excluded (-inf): frequencies follow softmax and excluded tokens never appear."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=1000).astype(np.float32) * 2
+    logits[rng.random(1000) < 1 / 3] = -np.inf
+    draws = jax.jit(categorical)(jax.random.key(7), jnp.broadcast_to(jnp.asarray(logits), (DRAWS, 1000)))
+    counts = np.bincount(np.asarray(draws), minlength=1000)
+    probs = np.exp(logits - logits.max())
+    assert chi_square_p(counts, probs / probs.sum()) > 1e-3
