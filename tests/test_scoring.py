@@ -94,19 +94,15 @@ def test_gradients_match_unchunked(converted):
     chex.assert_trees_all_close(grads, ref_grads, atol=1e-5, rtol=0)
 
 
-def test_grad_memory_stays_below_one_logits_tensor():
-    """The compiled gradient's scratch memory is a fraction of one f32 logits tensor.
+MEMORY_CONFIG = ModelConfig(
+    "llama", vocab_size=32000, hidden_size=64, intermediate_size=128, num_layers=1,
+    num_heads=1, num_kv_heads=1, head_dim=64, max_position_embeddings=1024,
+)
 
-    On XLA:CPU the head's backward holds two chunk-sized f32 buffers at once (the recomputed
-    logits' softmax and a transposed copy for the head-gradient matmul), and the decoder keeps a
-    few [batch, seq, seq] attention buffers. So the chunk is 1/32 of the sequence here: at 64
-    positions (1/8) the total is ~0.4 of the full tensor (unchunked it is ~4 full tensors).
-    """
-    batch, seq, chunk = 8, 512, 16
-    config = ModelConfig(
-        "llama", vocab_size=32000, hidden_size=64, intermediate_size=128, num_layers=1,
-        num_heads=1, num_kv_heads=1, head_dim=64, max_position_embeddings=seq,
-    )
+
+def grad_temp_bytes(batch: int, seq: int, chunk: int, vocab: int = MEMORY_CONFIG.vocab_size) -> int:
+    """Scratch memory of the compiled gradient of a summed token_logprobs (abstract shapes only)."""
+    config = MEMORY_CONFIG.replace(vocab_size=vocab)
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     attention_mask = jax.ShapeDtypeStruct((batch, seq), jnp.bool_)
 
@@ -118,10 +114,39 @@ def test_grad_memory_stays_below_one_logits_tensor():
     stats = compiled.memory_analysis()
     if stats is None:
         pytest.skip(f"memory_analysis() is not available on {jax.default_backend()}")
-    logits_bytes = batch * seq * config.vocab_size * 4
-    print(f"grad temp memory {stats.temp_size_in_bytes / 2**20:.1f} MiB; "
-          f"one f32 logits tensor {logits_bytes / 2**20:.1f} MiB")
-    assert stats.temp_size_in_bytes < logits_bytes / 4
+    return stats.temp_size_in_bytes
+
+
+def test_grad_memory_stays_below_one_logits_tensor():
+    """The compiled gradient's scratch memory is a fraction of one f32 logits tensor.
+
+    On XLA:CPU the head's backward holds two chunk-sized f32 buffers at once (the recomputed
+    logits' softmax and a transposed copy for the head-gradient matmul), and the decoder keeps a
+    few [batch, seq, seq] attention buffers. So the chunk is 1/32 of the sequence here: at 64
+    positions (1/8) the total is ~0.4 of the full tensor (unchunked it is ~4 full tensors).
+    """
+    batch, seq = 8, 512
+    temp = grad_temp_bytes(batch, seq, chunk=16)
+    logits_bytes = batch * seq * MEMORY_CONFIG.vocab_size * 4
+    print(f"grad temp memory {temp / 2**20:.1f} MiB; one f32 logits tensor {logits_bytes / 2**20:.1f} MiB")
+    assert temp < logits_bytes / 4
+
+
+def test_grad_memory_does_not_grow_with_sequence_times_vocab():
+    """With the chunk fixed, doubling the sequence grows memory by the decoder's own activations
+    (hidden states, [seq, seq] attention scores), the same at any vocabulary; the part that
+    depends on the vocabulary must not grow with the sequence. Measured as the growth at
+    vocab 32,000 minus the growth at vocab 512, against the logits of the added positions."""
+    batch, chunk = 4, 32
+
+    def growth(vocab):
+        return grad_temp_bytes(batch, 256, chunk, vocab) - grad_temp_bytes(batch, 128, chunk, vocab)
+
+    vocab_dependent = growth(MEMORY_CONFIG.vocab_size) - growth(512)
+    extra_logits = batch * 128 * MEMORY_CONFIG.vocab_size * 4
+    print(f"vocab-dependent growth from seq 128 to 256: {vocab_dependent / 2**20:.2f} MiB; "
+          f"logits of the 128 added positions {extra_logits / 2**20:.1f} MiB")
+    assert vocab_dependent < extra_logits / 20
 
 
 def test_continuation_matches_full_sequence(converted):
