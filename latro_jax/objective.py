@@ -1,0 +1,173 @@
+"""The LaTRO objective: self-rewards, KL penalty, RLOO advantages and the loss, over arrays.
+
+Pure functions, no model: the caller supplies per-token log-probs from the policy forward pass
+(differentiable) and the no-grad scores. Rows are prompt-major: the K rationales of question i
+are rows i*K .. i*K+K-1, N = B*K.
+
+Everything on the reward side (R, the KL estimate, r, A) is wrapped in `stop_gradient`, so
+`jax.grad(loss)` is the REINFORCE estimator with a leave-one-out baseline (LATRO.md, "Gradient"):
+
+    (1/N) sum_k -A_k grad log pi(z_k|x)  +  sft_coef (1/N) sum_k -grad log pi(y|x+z_k)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from latro_jax.scoring import masked_sum
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """LaTRO loss settings. Hashable: a static argument of a jitted train step.
+
+    beta: KL coefficient in r = R - beta (log pi - log pi_0) (0.05 GSM8K, 0.25 ARC in the release).
+    sft_coef: weight c of the answer NLL term (paper Eq. 4: 1; released script: 0).
+    nonstop_coef: rows that never finished get R = nonstop_coef * mean(R) (release: 2).
+    reference_compat: reproduce the released code's R, whose sum includes the log-prob of the
+    last token before the answer (pass `last_context_logprob` to `latro_loss`).
+    """
+
+    beta: float
+    sft_coef: float = 0.0
+    nonstop_coef: float = 2.0
+    reference_compat: bool = False
+
+    def __post_init__(self):
+        checks = {
+            "beta": (self._finite(self.beta) and self.beta >= 0, "a finite number >= 0"),
+            "sft_coef": (self._finite(self.sft_coef) and self.sft_coef >= 0, "a finite number >= 0"),
+            "nonstop_coef": (self._finite(self.nonstop_coef) and self.nonstop_coef >= 0, "a finite number >= 0"),
+            "reference_compat": (isinstance(self.reference_compat, bool), "True or False"),
+        }
+        for field, (ok, allowed) in checks.items():
+            if not ok:
+                raise ValueError(f"ObjectiveConfig.{field}={getattr(self, field)!r} is invalid; must be {allowed}")
+
+    @staticmethod
+    def _finite(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def answer_rewards(answer_logprob_sums: jax.Array, finished: jax.Array, nonstop_coef: float = 2.0) -> jax.Array:
+    """Self-rewards R = log pi(y|x+z) [N], with the non-stop penalty.
+
+    answer_logprob_sums [N]; finished [N] bool. Rows that never finished get
+    nonstop_coef * mean(R), the mean taken over all N rows before any replacement. R is a
+    log-prob (negative), so coef 2 gives unfinished rows twice the batch's average badness.
+    """
+    chex.assert_rank(answer_logprob_sums, 1)
+    chex.assert_equal_shape([answer_logprob_sums, finished])
+    penalty = nonstop_coef * jnp.mean(answer_logprob_sums)
+    return jnp.where(finished.astype(bool), answer_logprob_sums, penalty)
+
+
+def kl_penalised_rewards(
+    rewards: jax.Array, policy_rationale_logprob: jax.Array, ref_rationale_logprob: jax.Array, beta: float
+) -> jax.Array:
+    """r = R - beta (log pi(z|x) - log pi_0(z|x)), all [N]."""
+    chex.assert_rank(rewards, 1)
+    chex.assert_equal_shape([rewards, policy_rationale_logprob, ref_rationale_logprob])
+    return rewards - beta * (policy_rationale_logprob - ref_rationale_logprob)
+
+
+def rloo_advantages(rewards: jax.Array, k: int) -> jax.Array:
+    """Leave-one-out advantages A_k = r_k - mean_{j != k} r_j over each group of k rows.
+
+    rewards [N] prompt-major, N a multiple of k (static, >= 2) -> [N]. No normalisation. Within
+    a group the advantages sum to zero.
+    """
+    chex.assert_rank(rewards, 1)
+    if not isinstance(k, int) or k < 2:
+        raise ValueError(f"RLOO needs k >= 2 rationales per question (an int); got k={k!r}")
+    n = rewards.shape[0]
+    if n % k:
+        raise ValueError(f"RLOO needs the number of rows ({n}) to be a multiple of k={k}")
+    groups = rewards.reshape(n // k, k)
+    others_mean = (jnp.sum(groups, axis=1, keepdims=True) - groups) / (k - 1)
+    return (groups - others_mean).reshape(n)
+
+
+def latro_loss(
+    cfg: ObjectiveConfig,
+    k: int,
+    rationale_logprobs: jax.Array,
+    rationale_mask: jax.Array,
+    answer_logprobs: jax.Array,
+    answer_mask: jax.Array,
+    ref_rationale_logprob_sums: jax.Array,
+    finished: jax.Array,
+    reward_answer_logprob_sums: jax.Array | None = None,
+    last_context_logprob: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The LaTRO loss and its metrics. `cfg` and `k` are static.
+
+    rationale_logprobs [N, L], answer_logprobs [N, A]: per-token log pi from the policy forward
+    pass over x+z+y (differentiable). rationale_mask [N, L], answer_mask [N, A]: the tokens of z
+    and of y. ref_rationale_logprob_sums [N]: log pi_0(z|x). finished [N] bool: the row stopped
+    within the length limit.
+    reward_answer_logprob_sums [N] (optional): log pi(y|x+z) already computed with the same
+    params (the sampler's cache continuation); used for R instead of the answer_logprobs sum.
+    last_context_logprob [N]: log-prob of the last token before the answer; required with
+    `cfg.reference_compat`, whose R adds it.
+
+    loss = mean(-A * log pi(z|x)) + sft_coef * mean(-log pi(y|x+z)), with A a constant.
+    Returns (loss [], metrics: dict of [] float32). Metrics: reward_* are of r (after the
+    non-stop penalty and KL); answer_reward_mean is of R before the non-stop penalty;
+    kl_mean is mean(log pi(z|x) - log pi_0(z|x)); pg_loss and sft_loss are the two terms
+    unweighted (sft_loss = mean answer NLL, reported whatever sft_coef).
+    """
+    n = rationale_logprobs.shape[0]
+    chex.assert_rank([rationale_logprobs, answer_logprobs], 2)
+    chex.assert_equal_shape([rationale_logprobs, rationale_mask])
+    chex.assert_equal_shape([answer_logprobs, answer_mask])
+    chex.assert_shape([ref_rationale_logprob_sums, finished], (n,))
+    chex.assert_axis_dimension(answer_logprobs, 0, n)
+    if cfg.reference_compat and last_context_logprob is None:
+        raise ValueError(
+            "ObjectiveConfig.reference_compat=True needs last_context_logprob [N]: the log-prob of the "
+            "token before the answer, which the released code's R includes"
+        )
+
+    rationale_logprob = masked_sum(rationale_logprobs.astype(jnp.float32), rationale_mask)  # [N], with gradient
+    answer_logprob = masked_sum(answer_logprobs.astype(jnp.float32), answer_mask)  # [N], with gradient
+
+    if reward_answer_logprob_sums is None:
+        reward_answer_logprob_sums = answer_logprob
+    raw_rewards = reward_answer_logprob_sums.astype(jnp.float32)
+    chex.assert_shape(raw_rewards, (n,))
+    if cfg.reference_compat:
+        chex.assert_shape(last_context_logprob, (n,))
+        raw_rewards = raw_rewards + last_context_logprob.astype(jnp.float32)
+    raw_rewards = jax.lax.stop_gradient(raw_rewards)
+    policy_logprob = jax.lax.stop_gradient(rationale_logprob)
+    ref_logprob = jax.lax.stop_gradient(ref_rationale_logprob_sums.astype(jnp.float32))
+
+    rewards = answer_rewards(raw_rewards, finished, cfg.nonstop_coef)
+    penalised = kl_penalised_rewards(rewards, policy_logprob, ref_logprob, cfg.beta)
+    advantages = rloo_advantages(penalised, k)
+
+    pg_loss = jnp.mean(-advantages * rationale_logprob)
+    sft_loss = jnp.mean(-answer_logprob)
+    loss = pg_loss + cfg.sft_coef * sft_loss
+
+    metrics = {
+        "reward_mean": jnp.mean(penalised),
+        "reward_std": jnp.std(penalised),
+        "answer_reward_mean": jnp.mean(raw_rewards),
+        "kl_mean": jnp.mean(policy_logprob - ref_logprob),
+        "advantage_mean": jnp.mean(advantages),
+        "advantage_std": jnp.std(advantages),
+        "advantage_min": jnp.min(advantages),
+        "advantage_max": jnp.max(advantages),
+        "rationale_length_mean": jnp.mean(jnp.sum(rationale_mask.astype(jnp.float32), axis=-1)),
+        "finished_fraction": jnp.mean(finished.astype(jnp.float32)),
+        "pg_loss": jax.lax.stop_gradient(pg_loss),
+        "sft_loss": jax.lax.stop_gradient(sft_loss),
+    }
+    return loss, metrics

@@ -1,0 +1,347 @@
+"""The LaTRO objective against hand-computed numbers, and its gradient against the REINFORCE-with-
+RLOO estimator assembled in numpy from the analytic log-softmax gradient (onehot - softmax).
+
+Expected values are literals worked out by hand (the working is in the comments), not the same
+formula run twice. Tolerances: float32 against exact decimals, 1e-6.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from latro_jax.objective import (
+    ObjectiveConfig,
+    answer_rewards,
+    kl_penalised_rewards,
+    latro_loss,
+    rloo_advantages,
+)
+
+ATOL = 1e-6
+
+
+def close(got, expected):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected, np.float32), atol=ATOL, rtol=0)
+
+
+# --- RLOO ------------------------------------------------------------------------------------
+
+
+def test_rloo_k2_is_the_difference_to_the_other():
+    # K=2: A_k = r_k - r_other. Groups (1, 3) and (-2, 0.5).
+    got = rloo_advantages(jnp.array([1.0, 3.0, -2.0, 0.5]), 2)
+    close(got, [-2.0, 2.0, -2.5, 2.5])
+
+
+def test_rloo_k4_by_hand():
+    # Group (1, 2, 3, 6): sum 12, A = r - (12 - r)/3 -> -8/3, -4/3, 0, 4.
+    # Group (0, 0, 0, 4): sum 4,  A = r - (4 - r)/3  -> -4/3, -4/3, -4/3, 4.
+    got = rloo_advantages(jnp.array([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 4.0]), 4)
+    close(got, [-2.6666667, -1.3333333, 0.0, 4.0, -1.3333333, -1.3333333, -1.3333333, 4.0])
+
+
+def test_rloo_k16_against_a_double_loop():
+    k, groups = 16, 3
+    r = np.random.default_rng(0).normal(size=groups * k).astype(np.float32)
+    expected = np.zeros_like(r, np.float64)
+    for g in range(groups):
+        for i in range(k):
+            others = [float(r[g * k + j]) for j in range(k) if j != i]
+            expected[g * k + i] = r[g * k + i] - sum(others) / len(others)
+    got = np.asarray(rloo_advantages(jnp.asarray(r), k))
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(got.reshape(groups, k).sum(axis=1), 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_rloo_needs_two_per_group(k):
+    with pytest.raises(ValueError, match="k >= 2"):
+        rloo_advantages(jnp.zeros(4), k)
+
+
+def test_rloo_needs_whole_groups():
+    with pytest.raises(ValueError, match="multiple of k=4"):
+        rloo_advantages(jnp.zeros(6), 4)
+
+
+# --- rewards ---------------------------------------------------------------------------------
+
+
+def test_kl_penalty_by_hand():
+    rewards = jnp.array([-1.0, -2.0])
+    policy, ref = jnp.array([-10.0, -12.0]), jnp.array([-11.0, -12.5])  # log pi - log pi0 = 1, 0.5
+    # r = R - 0.5 * (1, 0.5) = (-1.5, -2.25)
+    close(kl_penalised_rewards(rewards, policy, ref, 0.5), [-1.5, -2.25])
+    close(kl_penalised_rewards(rewards, policy, ref, 0.0), [-1.0, -2.0])
+
+
+def test_nonstop_penalty_by_hand():
+    # mean R over all four rows (before replacement) = -12/4 = -3; unfinished row 2 gets 2 * -3.
+    r = jnp.array([-1.0, -2.0, -3.0, -6.0])
+    finished = jnp.array([True, True, False, True])
+    close(answer_rewards(r, finished), [-1.0, -2.0, -6.0, -6.0])
+    close(answer_rewards(r, finished, nonstop_coef=1.0), [-1.0, -2.0, -3.0, -6.0])
+    close(answer_rewards(r, jnp.ones(4, bool)), r)
+
+
+# --- latro_loss on a hand example ------------------------------------------------------------
+# One question, K=2, finished rows.
+#   rationale tokens (-1, -2 | masked 99) and (-0.5, -0.5, -1): log pi(z|x) = (-3, -2)
+#   answer tokens (-0.5, -1 | masked -7) and (-2, -0.25, -0.25):  R = (-1.5, -2.5)
+#   log pi0(z|x) = (-4, -2.5), so log pi - log pi0 = (1, 0.5), KL mean 0.75
+#   beta 0.5: r = (-1.5 - 0.5, -2.5 - 0.25) = (-2, -2.75); A = (0.75, -0.75)
+#   pg = mean(-0.75 * -3, 0.75 * -2) = mean(2.25, -1.5) = 0.375
+#   sft = mean answer NLL = mean(1.5, 2.5) = 2
+
+
+def hand_batch(**overrides):
+    batch = {
+        "rationale_logprobs": jnp.array([[-1.0, -2.0, 99.0], [-0.5, -0.5, -1.0]]),
+        "rationale_mask": jnp.array([[True, True, False], [True, True, True]]),
+        "answer_logprobs": jnp.array([[-0.5, -1.0, -7.0], [-2.0, -0.25, -0.25]]),
+        "answer_mask": jnp.array([[True, True, False], [True, True, True]]),
+        "ref_rationale_logprob_sums": jnp.array([-4.0, -2.5]),
+        "finished": jnp.array([True, True]),
+    }
+    return batch | overrides
+
+
+def test_loss_and_metrics_by_hand():
+    loss, metrics = latro_loss(ObjectiveConfig(beta=0.5), 2, **hand_batch())
+    close(loss, 0.375)
+    expected = {
+        "reward_mean": -2.375,
+        "reward_std": 0.375,
+        "answer_reward_mean": -2.0,
+        "kl_mean": 0.75,
+        "advantage_mean": 0.0,
+        "advantage_std": 0.75,
+        "advantage_min": -0.75,
+        "advantage_max": 0.75,
+        "rationale_length_mean": 2.5,
+        "finished_fraction": 1.0,
+        "pg_loss": 0.375,
+        "sft_loss": 2.0,
+    }
+    assert set(metrics) == set(expected)
+    for name, value in expected.items():
+        close(metrics[name], value)
+
+
+def test_sft_coef_adds_the_mean_answer_nll():
+    loss0, metrics0 = latro_loss(ObjectiveConfig(beta=0.5, sft_coef=0.0), 2, **hand_batch())
+    loss1, metrics1 = latro_loss(ObjectiveConfig(beta=0.5, sft_coef=1.0), 2, **hand_batch())
+    close(loss1 - loss0, 2.0)
+    close(loss1, 2.375)
+    close(metrics0["sft_loss"], 2.0)
+    close(metrics1["pg_loss"], metrics0["pg_loss"])
+
+
+def test_reference_compat_adds_the_token_before_the_answer():
+    # R = (-1.5 - 0.5, -2.5 - 1.5) = (-2, -4); r = (-2.5, -4.25); A = (1.75, -1.75)
+    # pg = mean(-1.75 * -3, 1.75 * -2) = mean(5.25, -3.5) = 0.875
+    cfg = ObjectiveConfig(beta=0.5, reference_compat=True)
+    loss, metrics = latro_loss(cfg, 2, **hand_batch(), last_context_logprob=jnp.array([-0.5, -1.5]))
+    close(metrics["answer_reward_mean"], -3.0)
+    close(metrics["reward_mean"], -3.375)
+    close(metrics["advantage_max"], 1.75)
+    close(loss, 0.875)
+    close(metrics["sft_loss"], 2.0)  # the extra token is in R only, not in the SFT term
+
+
+def test_reference_compat_without_last_context_logprob_is_an_error():
+    with pytest.raises(ValueError, match="last_context_logprob"):
+        latro_loss(ObjectiveConfig(beta=0.5, reference_compat=True), 2, **hand_batch())
+
+
+def test_given_reward_sums_replace_the_answer_sum():
+    # R = (-1, -1); r = (-1.5, -1.25); A = (-0.25, 0.25); pg = mean(-0.75, 0.5) = -0.125
+    loss, metrics = latro_loss(
+        ObjectiveConfig(beta=0.5), 2, **hand_batch(), reward_answer_logprob_sums=jnp.array([-1.0, -1.0])
+    )
+    close(loss, -0.125)
+    close(metrics["answer_reward_mean"], -1.0)
+    close(metrics["sft_loss"], 2.0)
+
+
+def test_unfinished_row_in_the_loss():
+    # Row 1 unfinished: R = (-1.5, 2 * -2) = (-1.5, -4); r = (-2, -4.25); A = (2.25, -2.25)
+    # pg = mean(-2.25 * -3, 2.25 * -2) = mean(6.75, -4.5) = 1.125
+    loss, metrics = latro_loss(ObjectiveConfig(beta=0.5), 2, **hand_batch(finished=jnp.array([True, False])))
+    close(loss, 1.125)
+    close(metrics["finished_fraction"], 0.5)
+    close(metrics["answer_reward_mean"], -2.0)
+
+
+def test_values_under_a_zero_mask_change_nothing():
+    cfg = ObjectiveConfig(beta=0.5, sft_coef=1.0)
+    base = hand_batch()
+    noise = np.random.default_rng(1)
+    changed = dict(base)
+    for values, mask in (("rationale_logprobs", "rationale_mask"), ("answer_logprobs", "answer_mask")):
+        junk = jnp.asarray(noise.normal(scale=50.0, size=base[values].shape), jnp.float32)
+        changed[values] = jnp.where(base[mask], base[values], junk)
+    chex.assert_trees_all_close(latro_loss(cfg, 2, **changed), latro_loss(cfg, 2, **base), atol=0, rtol=0)
+
+    def loss_of(rationale_logprobs, answer_logprobs):
+        batch = base | {"rationale_logprobs": rationale_logprobs, "answer_logprobs": answer_logprobs}
+        return latro_loss(cfg, 2, **batch)[0]
+
+    grad_r, grad_a = jax.grad(loss_of, argnums=(0, 1))(base["rationale_logprobs"], base["answer_logprobs"])
+    assert np.all(np.asarray(grad_r)[~np.asarray(base["rationale_mask"])] == 0)
+    assert np.all(np.asarray(grad_a)[~np.asarray(base["answer_mask"])] == 0)
+
+
+# --- gradient against the REINFORCE-with-RLOO estimator --------------------------------------
+# Toy policy: rationale token t has logits rationale_table[t]; answer token a of row n has logits
+# answer_table[a] + context_table[z_n,0] (so the answer depends on the rationale). The gradient of
+# log softmax(l)[i] w.r.t. l is onehot(i) - softmax(l).
+
+B, K, L, A, V = 2, 4, 5, 3, 7
+
+
+def toy_problem(seed):
+    rng = np.random.default_rng(seed)
+    params = {
+        "rationale_table": rng.normal(size=(L, V)).astype(np.float32),
+        "answer_table": rng.normal(size=(A, V)).astype(np.float32),
+        "context_table": rng.normal(size=(V, V)).astype(np.float32),
+    }
+    z = rng.integers(0, V, size=(B * K, L))
+    lengths = rng.integers(1, L + 1, size=B * K)
+    rationale_mask = np.arange(L)[None] < lengths[:, None]
+    y = np.repeat(rng.integers(0, V, size=(B, A)), K, axis=0)
+    answer_mask = np.ones((B * K, A), bool)
+    answer_mask[1, -1] = False  # one shorter answer
+    data = {
+        "z": z,
+        "y": y,
+        "rationale_mask": rationale_mask,
+        "answer_mask": answer_mask,
+        "ref": rng.normal(loc=-8.0, size=B * K).astype(np.float32),
+        "finished": np.array([True, True, False, True, True, True, True, True]),
+    }
+    return params, data
+
+
+def toy_logprobs(params, data):
+    """Per-token log-probs [N, L] and [N, A] of the toy policy (differentiable)."""
+    rationale = jax.nn.log_softmax(params["rationale_table"])  # [L, V]
+    rationale_logprobs = jnp.take_along_axis(rationale[None], data["z"][..., None], axis=-1)[..., 0]
+    answer_logits = params["answer_table"][None] + params["context_table"][data["z"][:, 0]][:, None]  # [N, A, V]
+    answer_logprobs = jnp.take_along_axis(jax.nn.log_softmax(answer_logits), data["y"][..., None], axis=-1)[..., 0]
+    return rationale_logprobs, answer_logprobs
+
+
+def toy_loss(params, data, cfg):
+    rationale_logprobs, answer_logprobs = toy_logprobs(params, data)
+    return latro_loss(
+        cfg,
+        K,
+        rationale_logprobs,
+        jnp.asarray(data["rationale_mask"]),
+        answer_logprobs,
+        jnp.asarray(data["answer_mask"]),
+        jnp.asarray(data["ref"]),
+        jnp.asarray(data["finished"]),
+    )[0]
+
+
+def softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def reinforce_rloo_gradient(params, data, beta, sft_coef, nonstop_coef=2.0):
+    """(1/N) sum_k -A_k grad log pi(z_k) + sft_coef (1/N) sum_k -grad log pi(y|z_k), in float64 numpy."""
+    p = {name: value.astype(np.float64) for name, value in params.items()}
+    n = B * K
+    eye = np.eye(V)
+    rationale_probs = softmax(p["rationale_table"])  # [L, V]
+    logpi = np.array(
+        [
+            sum(np.log(rationale_probs[t, data["z"][i, t]]) for t in range(L) if data["rationale_mask"][i, t])
+            for i in range(n)
+        ]
+    )
+    answer_probs = softmax(p["answer_table"][None] + p["context_table"][data["z"][:, 0]][:, None])  # [N, A, V]
+    answer_logpi = np.array(
+        [
+            sum(np.log(answer_probs[i, a, data["y"][i, a]]) for a in range(A) if data["answer_mask"][i, a])
+            for i in range(n)
+        ]
+    )
+
+    rewards = np.where(data["finished"], answer_logpi, nonstop_coef * answer_logpi.mean())
+    r = rewards - beta * (logpi - data["ref"])
+    adv = np.array([r[i] - np.mean([r[j] for j in range(i // K * K, i // K * K + K) if j != i]) for i in range(n)])
+
+    grad = {name: np.zeros_like(value) for name, value in p.items()}
+    for i in range(n):
+        for t in range(L):
+            if data["rationale_mask"][i, t]:
+                grad["rationale_table"][t] += -adv[i] / n * (eye[data["z"][i, t]] - rationale_probs[t])
+        for a in range(A):
+            if data["answer_mask"][i, a]:
+                d = -sft_coef / n * (eye[data["y"][i, a]] - answer_probs[i, a])
+                grad["answer_table"][a] += d
+                grad["context_table"][data["z"][i, 0]] += d
+    return grad
+
+
+@pytest.mark.parametrize("beta,sft_coef", [(0.0, 0.0), (0.25, 0.0), (0.25, 1.0)])
+def test_gradient_is_reinforce_with_rloo(beta, sft_coef):
+    params, data = toy_problem(seed=2)
+    cfg = ObjectiveConfig(beta=beta, sft_coef=sft_coef)
+    grad_fn = jax.jit(jax.grad(toy_loss), static_argnums=2)
+    got = grad_fn(jax.tree.map(jnp.asarray, params), {k: jnp.asarray(v) for k, v in data.items()}, cfg)
+    expected = reinforce_rloo_gradient(params, data, beta, sft_coef)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, jax.tree.map(jnp.asarray, params))
+    chex.assert_trees_all_close(jax.tree.map(np.asarray, got), expected, atol=ATOL, rtol=0)
+    if sft_coef == 0:
+        assert np.all(np.asarray(got["answer_table"]) == 0)
+
+
+# --- jit and config --------------------------------------------------------------------------
+
+
+def test_jit_traces_once_per_shape():
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, data):
+        return toy_loss(params, data, ObjectiveConfig(beta=0.25, sft_coef=1.0))
+
+    chex.clear_trace_counter()
+    params, data = toy_problem(seed=3)
+    data = {k: jnp.asarray(v) for k, v in data.items()}
+    eager = toy_loss(jax.tree.map(jnp.asarray, params), data, ObjectiveConfig(beta=0.25, sft_coef=1.0))
+    close(step(jax.tree.map(jnp.asarray, params), data), eager)
+    for seed in (4, 5):
+        other_params, other_data = toy_problem(seed)
+        step(jax.tree.map(jnp.asarray, other_params), {k: jnp.asarray(v) for k, v in other_data.items()})
+
+    jitted = jax.jit(latro_loss, static_argnums=(0, 1))
+    chex.assert_trees_all_close(
+        jitted(ObjectiveConfig(beta=0.5), 2, **hand_batch()),
+        latro_loss(ObjectiveConfig(beta=0.5), 2, **hand_batch()),
+        atol=ATOL,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"beta": -0.1}, "beta"),
+        ({"beta": float("nan")}, "beta"),
+        ({"beta": 0.1, "sft_coef": -1.0}, "sft_coef"),
+        ({"beta": 0.1, "nonstop_coef": float("inf")}, "nonstop_coef"),
+        ({"beta": 0.1, "reference_compat": 1}, "reference_compat"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"ObjectiveConfig.{field}="):
+        ObjectiveConfig(**kwargs)
