@@ -93,6 +93,91 @@ def rloo_advantages(rewards: jax.Array, k: int) -> jax.Array:
     return (groups - others_mean).reshape(n)
 
 
+def rollout_advantages(
+    cfg: ObjectiveConfig,
+    k: int,
+    policy_rationale_logprob_sums: jax.Array,
+    ref_rationale_logprob_sums: jax.Array,
+    answer_logprob_sums: jax.Array,
+    finished: jax.Array,
+    last_context_logprob: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """RLOO advantages of a whole rollout batch, all constants (no gradient). `cfg`, `k` static.
+
+    policy_rationale_logprob_sums [N]: log pi(z|x); ref_rationale_logprob_sums [N]: log pi_0(z|x);
+    answer_logprob_sums [N]: R = log pi(y|x+z); finished [N] bool: the row stopped within the
+    length limit. last_context_logprob [N]: log-prob of the last token before the answer;
+    required with `cfg.reference_compat`, whose R adds it.
+
+    Computed over the whole batch because the non-stop penalty's mean and the RLOO groups span
+    it; the gradient pass may then run in micro-batches (`surrogate_loss`).
+    Returns (advantages [N], metrics of [] float32): reward_* are of r (after the non-stop penalty
+    and KL); answer_reward_mean is of R before the non-stop penalty; kl_mean is
+    mean(log pi(z|x) - log pi_0(z|x)).
+    """
+    n = policy_rationale_logprob_sums.shape[0]
+    chex.assert_shape([policy_rationale_logprob_sums, ref_rationale_logprob_sums, answer_logprob_sums, finished], (n,))
+    if cfg.reference_compat and last_context_logprob is None:
+        raise ValueError(
+            "ObjectiveConfig.reference_compat=True needs last_context_logprob [N]: the log-prob of the "
+            "token before the answer, which the released code's R includes"
+        )
+    raw_rewards = answer_logprob_sums.astype(jnp.float32)
+    if cfg.reference_compat:
+        chex.assert_shape(last_context_logprob, (n,))
+        raw_rewards = raw_rewards + last_context_logprob.astype(jnp.float32)
+    raw_rewards = jax.lax.stop_gradient(raw_rewards)
+    policy_logprob = jax.lax.stop_gradient(policy_rationale_logprob_sums.astype(jnp.float32))
+    ref_logprob = jax.lax.stop_gradient(ref_rationale_logprob_sums.astype(jnp.float32))
+
+    rewards = answer_rewards(raw_rewards, finished, cfg.nonstop_coef)
+    penalised = kl_penalised_rewards(rewards, policy_logprob, ref_logprob, cfg.beta)
+    advantages = rloo_advantages(penalised, k)
+    metrics = {
+        "reward_mean": jnp.mean(penalised),
+        "reward_std": jnp.std(penalised),
+        "answer_reward_mean": jnp.mean(raw_rewards),
+        "kl_mean": jnp.mean(policy_logprob - ref_logprob),
+        "advantage_mean": jnp.mean(advantages),
+        "advantage_std": jnp.std(advantages),
+        "advantage_min": jnp.min(advantages),
+        "advantage_max": jnp.max(advantages),
+        "finished_fraction": jnp.mean(finished.astype(jnp.float32)),
+    }
+    return advantages, metrics
+
+
+def surrogate_loss(
+    cfg: ObjectiveConfig,
+    advantages: jax.Array,
+    rationale_logprobs: jax.Array,
+    rationale_mask: jax.Array,
+    answer_logprobs: jax.Array,
+    answer_mask: jax.Array,
+    num_rows: int | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The differentiable loss over some rows of a rollout batch, given their constant advantages.
+
+    advantages [M]; rationale_logprobs [M, L], answer_logprobs [M, A]: per-token log pi from the
+    policy forward over x+z+y (differentiable); masks select the tokens of z and of y.
+    loss = sum(-A * log pi(z|x)) / num_rows + sft_coef * sum(-log pi(y|x+z)) / num_rows, so that
+    micro-batches of one batch of `num_rows` rows (default M) add up to the batch's mean loss.
+    Returns (loss [], {"pg_loss", "sft_loss"}: the two terms unweighted, without gradient).
+    """
+    m = rationale_logprobs.shape[0]
+    chex.assert_rank([rationale_logprobs, answer_logprobs], 2)
+    chex.assert_equal_shape([rationale_logprobs, rationale_mask])
+    chex.assert_equal_shape([answer_logprobs, answer_mask])
+    chex.assert_shape(advantages, (m,))
+    num_rows = m if num_rows is None else num_rows
+    rationale_logprob = masked_sum(rationale_logprobs.astype(jnp.float32), rationale_mask)  # [M], with gradient
+    answer_logprob = masked_sum(answer_logprobs.astype(jnp.float32), answer_mask)  # [M], with gradient
+    pg_loss = jnp.sum(-jax.lax.stop_gradient(advantages) * rationale_logprob) / num_rows
+    sft_loss = jnp.sum(-answer_logprob) / num_rows
+    terms = {"pg_loss": jax.lax.stop_gradient(pg_loss), "sft_loss": jax.lax.stop_gradient(sft_loss)}
+    return pg_loss + cfg.sft_coef * sft_loss, terms
+
+
 def latro_loss(
     cfg: ObjectiveConfig,
     k: int,
@@ -105,69 +190,29 @@ def latro_loss(
     reward_answer_logprob_sums: jax.Array | None = None,
     last_context_logprob: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The LaTRO loss and its metrics. `cfg` and `k` are static.
+    """The LaTRO loss of a whole batch and its metrics: `rollout_advantages` then `surrogate_loss`.
+    `cfg` and `k` are static.
 
     rationale_logprobs [N, L], answer_logprobs [N, A]: per-token log pi from the policy forward
     pass over x+z+y (differentiable). rationale_mask [N, L], answer_mask [N, A]: the tokens of z
-    and of y. ref_rationale_logprob_sums [N]: log pi_0(z|x). finished [N] bool: the row stopped
-    within the length limit.
+    and of y. ref_rationale_logprob_sums [N]: log pi_0(z|x). finished [N] bool.
     reward_answer_logprob_sums [N] (optional): log pi(y|x+z) already computed with the same
     params (the sampler's cache continuation); used for R instead of the answer_logprobs sum.
-    last_context_logprob [N]: log-prob of the last token before the answer; required with
-    `cfg.reference_compat`, whose R adds it.
+    last_context_logprob [N]: required with `cfg.reference_compat`.
 
     loss = mean(-A * log pi(z|x)) + sft_coef * mean(-log pi(y|x+z)), with A a constant.
-    Returns (loss [], metrics: dict of [] float32). Metrics: reward_* are of r (after the
-    non-stop penalty and KL); answer_reward_mean is of R before the non-stop penalty;
-    kl_mean is mean(log pi(z|x) - log pi_0(z|x)); pg_loss and sft_loss are the two terms
-    unweighted (sft_loss = mean answer NLL, reported whatever sft_coef).
+    Metrics: those of `rollout_advantages`, the rationale length, and pg_loss / sft_loss (the two
+    terms unweighted; sft_loss = mean answer NLL, reported whatever sft_coef).
     """
     n = rationale_logprobs.shape[0]
-    chex.assert_rank([rationale_logprobs, answer_logprobs], 2)
-    chex.assert_equal_shape([rationale_logprobs, rationale_mask])
-    chex.assert_equal_shape([answer_logprobs, answer_mask])
-    chex.assert_shape([ref_rationale_logprob_sums, finished], (n,))
     chex.assert_axis_dimension(answer_logprobs, 0, n)
-    if cfg.reference_compat and last_context_logprob is None:
-        raise ValueError(
-            "ObjectiveConfig.reference_compat=True needs last_context_logprob [N]: the log-prob of the "
-            "token before the answer, which the released code's R includes"
-        )
-
-    rationale_logprob = masked_sum(rationale_logprobs.astype(jnp.float32), rationale_mask)  # [N], with gradient
-    answer_logprob = masked_sum(answer_logprobs.astype(jnp.float32), answer_mask)  # [N], with gradient
-
+    rationale_logprob = masked_sum(rationale_logprobs.astype(jnp.float32), rationale_mask)
     if reward_answer_logprob_sums is None:
-        reward_answer_logprob_sums = answer_logprob
-    raw_rewards = reward_answer_logprob_sums.astype(jnp.float32)
-    chex.assert_shape(raw_rewards, (n,))
-    if cfg.reference_compat:
-        chex.assert_shape(last_context_logprob, (n,))
-        raw_rewards = raw_rewards + last_context_logprob.astype(jnp.float32)
-    raw_rewards = jax.lax.stop_gradient(raw_rewards)
-    policy_logprob = jax.lax.stop_gradient(rationale_logprob)
-    ref_logprob = jax.lax.stop_gradient(ref_rationale_logprob_sums.astype(jnp.float32))
-
-    rewards = answer_rewards(raw_rewards, finished, cfg.nonstop_coef)
-    penalised = kl_penalised_rewards(rewards, policy_logprob, ref_logprob, cfg.beta)
-    advantages = rloo_advantages(penalised, k)
-
-    pg_loss = jnp.mean(-advantages * rationale_logprob)
-    sft_loss = jnp.mean(-answer_logprob)
-    loss = pg_loss + cfg.sft_coef * sft_loss
-
-    metrics = {
-        "reward_mean": jnp.mean(penalised),
-        "reward_std": jnp.std(penalised),
-        "answer_reward_mean": jnp.mean(raw_rewards),
-        "kl_mean": jnp.mean(policy_logprob - ref_logprob),
-        "advantage_mean": jnp.mean(advantages),
-        "advantage_std": jnp.std(advantages),
-        "advantage_min": jnp.min(advantages),
-        "advantage_max": jnp.max(advantages),
-        "rationale_length_mean": jnp.mean(jnp.sum(rationale_mask.astype(jnp.float32), axis=-1)),
-        "finished_fraction": jnp.mean(finished.astype(jnp.float32)),
-        "pg_loss": jax.lax.stop_gradient(pg_loss),
-        "sft_loss": jax.lax.stop_gradient(sft_loss),
-    }
-    return loss, metrics
+        reward_answer_logprob_sums = masked_sum(answer_logprobs.astype(jnp.float32), answer_mask)
+    advantages, metrics = rollout_advantages(
+        cfg, k, rationale_logprob, ref_rationale_logprob_sums, reward_answer_logprob_sums, finished,
+        last_context_logprob,
+    )
+    loss, terms = surrogate_loss(cfg, advantages, rationale_logprobs, rationale_mask, answer_logprobs, answer_mask)
+    metrics["rationale_length_mean"] = jnp.mean(jnp.sum(rationale_mask.astype(jnp.float32), axis=-1))
+    return loss, {**metrics, **terms}

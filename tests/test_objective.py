@@ -19,6 +19,7 @@ from latro_jax.objective import (
     kl_penalised_rewards,
     latro_loss,
     rloo_advantages,
+    surrogate_loss,
 )
 
 ATOL = 1e-6
@@ -130,6 +131,23 @@ def test_loss_and_metrics_by_hand():
     assert set(metrics) == set(expected)
     for name, value in expected.items():
         close(metrics[name], value)
+
+
+def test_micro_batches_add_up_to_the_batch_loss():
+    """Per-row micro-batches of the hand example (A = (0.75, -0.75), given), each divided by the
+    batch's 2 rows: pg terms 2.25/2 and -1.5/2, sft terms 1.5/2 and 2.5/2."""
+    cfg = ObjectiveConfig(beta=0.5, sft_coef=1.0)
+    b = hand_batch()
+    advantages = jnp.array([0.75, -0.75])
+    parts = [
+        surrogate_loss(cfg, advantages[i : i + 1], b["rationale_logprobs"][i : i + 1], b["rationale_mask"][i : i + 1],
+                       b["answer_logprobs"][i : i + 1], b["answer_mask"][i : i + 1], num_rows=2)
+        for i in range(2)
+    ]
+    close(parts[0][0], 2.25 / 2 + 1.5 / 2)
+    close(parts[1][0], -1.5 / 2 + 2.5 / 2)
+    whole, _ = latro_loss(cfg, 2, **b)
+    close(parts[0][0] + parts[1][0], whole)  # 0.375 + 2
 
 
 def test_sft_coef_adds_the_mean_answer_nll():
