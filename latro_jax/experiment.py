@@ -1,0 +1,170 @@
+"""The typed configuration of a training run, and `key=value` overrides from the command line.
+
+An experiment is a Python file in `experiments/` whose `config()` returns an `Experiment`;
+`make train EXP=name key=value ...` applies overrides such as `train.updates=2` or
+`rollout.num_samples=4`, then `validate` checks every field once at start-up, naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import typing
+
+from latro_jax.objective import ObjectiveConfig
+
+
+class ExperimentError(ValueError):
+    """A bad experiment name, override or field value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Where the policy's weights come from: a latro-jax checkpoint directory (`make convert`
+    output), or an HF directory / hub id converted on first use into `<run>/base_model`."""
+
+    checkpoint: str = ""
+    hf: str = ""
+    tokenizer: str = ""  # HF tokenizer directory or hub id; default: the checkpoint's hf/ files
+    dtype: str = "bfloat16"  # compute dtype; params are always float32 while training
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    task: str = "gsm8k"  # gsm8k | arc_challenge
+    source: str = ""  # "" = the HF hub; or a local jsonl directory
+    train_split: str = "train"
+    eval_split: str = "validation"
+    eval_size: int = 200  # questions evaluated during training (0 = the whole split)
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSpec:
+    num_samples: int = 16  # K rationales per question
+    max_new_tokens: int = 500  # L
+    temperature: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSpec:
+    learning_rate: float = 5e-7
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    clip_norm: float = 0.0  # 0 = no clipping (the released recipe)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    method: str = "latro"  # latro | sft
+    questions_per_update: int = 24
+    micro_batch: int = 4  # rows per forward+backward; the update accumulates over all of them
+    updates: int = 117
+    seed: int = 0
+    eval_every: int = 20
+    save_every: int = 20
+    keep_last: int = 2
+    maj_k: int = 8
+    output_dir: str = "runs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    name: str
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    rollout: RolloutSpec = RolloutSpec()
+    objective: ObjectiveConfig = ObjectiveConfig(beta=0.05)
+    optim: OptimSpec = OptimSpec()
+    train: TrainSpec = TrainSpec()
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.train.output_dir, self.name)
+
+
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise ExperimentError(f"{field}={value!r} is invalid; {allowed}")
+
+
+def validate(exp: Experiment) -> Experiment:
+    """Check every field once; the error names the field and what is allowed."""
+    m, d, r, o, t = exp.model, exp.data, exp.rollout, exp.optim, exp.train
+    _check(bool(m.checkpoint) != bool(m.hf), "model.checkpoint/model.hf", (m.checkpoint, m.hf),
+           "set exactly one: a latro-jax checkpoint directory or an HF directory / hub id")
+    _check(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "allowed: float32, bfloat16")
+    _check(d.task in ("gsm8k", "arc_challenge"), "data.task", d.task, "allowed: gsm8k, arc_challenge")
+    _check(d.eval_size >= 0, "data.eval_size", d.eval_size, "must be >= 0")
+    _check(r.num_samples >= 2 or t.method == "sft", "rollout.num_samples", r.num_samples,
+           "LaTRO's leave-one-out baseline needs >= 2")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
+    _check(r.temperature > 0, "rollout.temperature", r.temperature, "must be > 0 for training rollouts")
+    _check(o.learning_rate > 0, "optim.learning_rate", o.learning_rate, "must be > 0")
+    _check(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0 = off)")
+    _check(0 <= o.warmup_steps < t.updates, "optim.warmup_steps", o.warmup_steps, f"must be in [0, {t.updates})")
+    _check(t.method in ("latro", "sft"), "train.method", t.method, "allowed: latro, sft")
+    _check(t.questions_per_update >= 1, "train.questions_per_update", t.questions_per_update, "must be >= 1")
+    rows = t.questions_per_update * (r.num_samples if t.method == "latro" else 1)
+    _check(t.micro_batch >= 1 and rows % t.micro_batch == 0, "train.micro_batch", t.micro_batch,
+           f"must divide the {rows} rows of an update")
+    _check(t.updates >= 1, "train.updates", t.updates, "must be >= 1")
+    for field in ("eval_every", "save_every", "keep_last", "maj_k"):
+        _check(getattr(t, field) >= 1, f"train.{field}", getattr(t, field), "must be >= 1")
+    return exp
+
+
+def _parse(text: str, kind, field: str):
+    origin = typing.get_origin(kind)
+    if kind is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ExperimentError(f"{field}={text!r}: expected true or false")
+    try:
+        if kind in (int, float, str):
+            return kind(text)
+        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            for option in typing.get_args(kind):
+                if option is not type(None):
+                    return _parse(text, option, field)
+    except ValueError:
+        raise ExperimentError(f"{field}={text!r}: expected {kind.__name__}") from None
+    raise ExperimentError(f"{field}: cannot be set from the command line")
+
+
+def apply_overrides(exp: Experiment, overrides: list[str]) -> Experiment:
+    """Apply `section.field=value` overrides (e.g. `train.updates=2`), type-checked by field."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        path = key.split(".")
+        if not sep or len(path) != 2:
+            raise ExperimentError(f"override {item!r}: expected section.field=value, e.g. train.updates=2")
+        section_name, field = path
+        section = getattr(exp, section_name, None)
+        if section is None or not dataclasses.is_dataclass(section):
+            sections = [f.name for f in dataclasses.fields(exp) if dataclasses.is_dataclass(getattr(exp, f.name))]
+            raise ExperimentError(f"override {item!r}: unknown section {section_name!r}; sections: {sections}")
+        hints = typing.get_type_hints(type(section))
+        if field not in hints:
+            raise ExperimentError(f"override {item!r}: {section_name} has no field {field!r}; fields: {sorted(hints)}")
+        value = _parse(text, hints[field], key)
+        exp = dataclasses.replace(exp, **{section_name: dataclasses.replace(section, **{field: value})})
+    return exp
+
+
+def load_experiment(name: str, overrides: list[str] = (), directory: str | None = None) -> Experiment:
+    """Import `experiments/<name>.py`, call its `config()`, apply overrides, validate."""
+    directory = directory or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    path = os.path.join(directory, f"{name}.py")
+    if not os.path.isfile(path):
+        available = sorted(f[:-3] for f in os.listdir(directory) if f.endswith(".py") and not f.startswith("_"))
+        raise ExperimentError(f"no experiment {name!r} ({path}); available: {', '.join(available)}")
+    spec = importlib.util.spec_from_file_location(f"experiments.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return validate(apply_overrides(module.config(), list(overrides)))

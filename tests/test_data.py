@@ -1,0 +1,465 @@
+"""Data, prompts and answer extraction against the real GSM8K / ARC-Challenge files and the real
+tokenizers of the paper's three models, built from the shared files:
+
+- Llama 3.1: the tiktoken BPE ranks + Meta's special tokens + the Llama-3.1-8B-Instruct template.
+- Mistral v0.3: its sentencepiece model (control tokens [INST]... included) through transformers'
+  LlamaTokenizer, and the single-turn output of the HF v0.3 template: "<s>[INST] {user}[/INST]".
+  (transformers' sentencepiece->BPE conversion splits runs of two spaces differently from
+  sentencepiece; none of the texts here has one.)
+- Phi-3.5-mini: the Llama 2 sentencepiece model through sentencepiece itself (so ids are exact)
+  + Phi-3's special tokens 32000..32010 with their right-strip (whitespace after <|user|>,
+  <|end|>, <|assistant|> is absorbed, as llama.cpp and HF do) + the Phi-3.5 template.
+The Llama 3 and Phi-3 builds are checked against llama.cpp's test vectors from the HF tokenizers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+
+import pytest
+
+from conftest import require
+from latro_jax.data.extraction import (
+    arc_choice,
+    arc_correct,
+    canonical_number,
+    extract_arc,
+    extract_gsm8k,
+    gsm8k_correct,
+    majority_vote,
+)
+from latro_jax.data.prompts import (
+    STOP_STRINGS,
+    encode_answers,
+    encode_prompts,
+    find_stop,
+    load_tokenizer,
+    prompt_format,
+    render_prompt,
+)
+from latro_jax.data.tasks import DataError, load_task
+from latro_jax.sampling import SamplingConfig
+
+MODELS = ("llama3", "mistral_v0.3", "phi3_5_mini")
+MISTRAL_V03_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + '[/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] | trim + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+NATALIA = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May? Let's think step by step."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+
+
+@pytest.fixture(scope="module")
+def gsm8k_dir(test_data):
+    return os.path.dirname(require(os.path.join(test_data, "gsm8k", "train.jsonl")))
+
+
+@pytest.fixture(scope="module")
+def arc_dir(test_data):
+    return os.path.dirname(require(os.path.join(test_data, "arc_challenge", "train.jsonl")))
+
+
+def test_gsm8k_splits_and_gold(gsm8k_dir):
+    full = load_task("gsm8k", "train_full", gsm8k_dir)
+    train, validation = load_task("gsm8k", "train", gsm8k_dir), load_task("gsm8k", "validation", gsm8k_dir)
+    test = load_task("gsm8k", "test", gsm8k_dir)
+    assert (len(full), len(test)) == (7473, 1319)
+    assert (len(train), len(validation)) == (6973, 500)
+    assert {e.id for e in train}.isdisjoint(e.id for e in validation)
+    assert sorted(train + validation, key=lambda e: int(e.id.rsplit("/", 1)[1])) == full
+    # The held-out questions are pinned: changing the selection rule must be deliberate.
+    assert [e.id for e in validation[:3]] == ["gsm8k/train/8", "gsm8k/train/9", "gsm8k/train/21"]
+    assert hashlib.sha256(",".join(e.id for e in validation).encode()).hexdigest()[:16] == "d564aae929481c5b"
+
+    first = full[0]
+    assert first.id == "gsm8k/train/0"
+    assert first.question == NATALIA
+    assert first.answer == "72"
+    assert first.rationale == (
+        "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+        "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n"
+        "The answer is 72"
+    )
+    assert full[345].answer == "1080"  # upstream "#### 1,080"
+    assert (test[0].id, test[0].answer) == ("gsm8k/test/0", "18")
+
+
+def test_arc_splits_and_prompt(arc_dir):
+    splits = {s: load_task("arc_challenge", s, arc_dir) for s in ("train", "validation", "test")}
+    assert {s: len(v) for s, v in splits.items()} == {"train": 1119, "validation": 299, "test": 1172}
+    first = splits["train"][0]
+    assert first.id == "Mercury_SC_415702"
+    assert first.question == (
+        "Question: George wants to warm his hands quickly by rubbing them. "
+        "Which skin surface will produce the most heat?\n"
+        "Options: ['dry palms', 'wet palms', 'palms covered with oil', 'palms covered with lotion']\n"
+        "Let's think step by step first then print your answer like 'The answer is (one of the options)'."
+    )
+    assert (first.answer, first.rationale) == ("dry palms", None)
+    numeric_labels = splits["train"][16]  # labels "1".."4", answerKey "2"
+    assert (numeric_labels.id, numeric_labels.answer) == ("NYSEDREGENTS_2004_8_31", "bubbles when acid is placed on it")
+    # An option with an apostrophe is written the way Python's str(list) writes it.
+    planet = next(e.question for e in splits["train"] if "core temperature" in e.question)
+    assert "\"a planet's core temperature\"" in planet
+    # AI2's original files (other schema, other names) give the same examples.
+    original = os.path.join(arc_dir, "original")
+    if os.path.isdir(original):
+        for split, examples in splits.items():
+            assert load_task("arc_challenge", split, original) == examples
+
+
+GOOD_GSM8K = {"question": "What is 3+4?", "answer": "3+4=7\n#### 7"}
+GOOD_ARC = {"id": "q1", "question": "Q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"}
+
+
+@pytest.mark.parametrize(
+    "task, lines, line, problem",
+    [
+        ("gsm8k", [GOOD_GSM8K, '{"question": "x", "answer": '], 2, "invalid JSON"),
+        ("gsm8k", [{"question": "What is 3+4?"}], 1, "missing field 'answer'"),
+        ("gsm8k", [GOOD_GSM8K, GOOD_GSM8K, {"question": "q", "answer": "7"}], 3, "no '#### ' line"),
+        ("gsm8k", [{"question": "q", "answer": "so\n#### seven"}], 1, "'seven' is not a number"),
+        ("gsm8k", [GOOD_GSM8K, {"question": 3, "answer": "#### 3"}], 2, "field 'question' has type int"),
+        ("gsm8k", [GOOD_GSM8K, "   "], 2, "empty line"),
+        ("arc_challenge", [GOOD_ARC, dict(GOOD_ARC, answerKey="E")], 2, "answerKey 'E' is not among the labels"),
+        ("arc_challenge", [dict(GOOD_ARC, choices={"text": ["a"], "label": ["A", "B"]})], 1, "1 texts and 2 labels"),
+        ("arc_challenge", [["not", "an", "object"]], 1, "expected a JSON object, got list"),
+    ],
+)
+def test_malformed_row_names_file_and_line(tmp_path, task, lines, line, problem):
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    with pytest.raises(DataError, match=re.escape(f"{path}:{line}: ") + ".*" + re.escape(problem)):
+        load_task(task, "test", tmp_path)
+    assert issubclass(DataError, ValueError)
+
+
+def test_hub_source_and_validation_carving(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+    rows = [{"question": f"q{i}?", "answer": f"#### {i}"} for i in range(30)]
+
+    def fake_load_dataset(repo, config, split):
+        calls.append((repo, config, split))
+        return rows
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    validation = load_task("gsm8k", "validation")
+    train = load_task("gsm8k", "train")
+    assert calls == [("openai/gsm8k", "main", "train")] * 2
+    assert len(validation) == 3 and len(train) == 27  # a tenth of a train split under 5,000 rows
+    rows[4] = {"question": "q4?", "answer": "4"}
+    with pytest.raises(DataError, match=re.escape("openai/gsm8k (main, test) row 5: GSM8K answer has no '#### '")):
+        load_task("gsm8k", "test")
+
+
+def test_source_and_split_errors(tmp_path):
+    with pytest.raises(ValueError, match="arc_challenge has no split 'train_full'"):
+        load_task("arc_challenge", "train_full", tmp_path)
+    with pytest.raises(ValueError, match="task 'mmlu'"):
+        load_task("mmlu", "test")
+    with pytest.raises(FileNotFoundError, match="no test.jsonl"):
+        load_task("gsm8k", "test", tmp_path)
+    with pytest.raises(ValueError, match="no TFDS source"):
+        load_task("gsm8k", "test", "tfds")
+    try:
+        import tensorflow_datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install tensorflow-datasets"):
+            load_task("arc_challenge", "test", "tfds")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers of the three paper models, from the shared files
+
+
+def build_llama3(folder):
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    special = [
+        "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+        "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+        "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+    ] + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)]  # ids 128000..128255
+    backend = TikTokenConverter(os.path.join(folder, "tokenizer.model"), extra_special_tokens=special).converted()
+    bos = "<|begin_of_text|>"
+    add_bos = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, 128000)])
+    backend.post_processor = processors.Sequence([backend.post_processor, add_bos])
+    with open(os.path.join(folder, "chat_template_Llama-3.1-8B-Instruct.jinja")) as f:
+        template = f.read()
+    # Llama-3.1-Instruct's tokenizer config: eos <|eot_id|>, no pad.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token="<|eot_id|>", chat_template=template
+    )
+
+
+def build_mistral_v03(folder):
+    from transformers import LlamaTokenizer
+
+    tokenizer = LlamaTokenizer.from_pretrained(folder, add_bos_token=True)
+    tokenizer.chat_template = MISTRAL_V03_TEMPLATE
+    return tokenizer
+
+
+def build_phi35(folder):
+    from transformers import AddedToken
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    class Phi3Tokenizer(SentencePieceBackend):
+        def convert_tokens_to_string(self, tokens):
+            """sentencepiece's own decoding, which turns byte pieces (<0x0A>) back into bytes."""
+            text, run = "", []
+            for token in tokens:
+                if token in self.added_tokens_encoder:
+                    text, run = text + self.sp_model.decode_pieces(run) + token, []
+                else:
+                    run.append(token)
+            return text + self.sp_model.decode_pieces(run)
+
+    with open(os.path.join(folder, "special_tokens.json")) as f:
+        ids = json.load(f)
+    tokenizer = Phi3Tokenizer(
+        vocab_file=require(os.path.join(folder, "..", "llama2_sentencepiece", "tokenizer.model")),
+        legacy=True,  # a sentencepiece dummy prefix on every text piece, as Phi-3's HF tokenizer
+        special_tokens_pattern="bos",
+        bos_token="<s>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+    )
+    # Phi-3's special tokens absorb the whitespace after them, all but <|endoftext|>.
+    in_id_order = sorted(ids, key=ids.get)
+    tokens = [AddedToken(t, special=True, normalized=False, rstrip=t != "<|endoftext|>") for t in in_id_order]
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    assert tokenizer.convert_tokens_to_ids(list(ids)) == list(ids.values())
+    with open(os.path.join(folder, "chat_template_Phi-3.5-mini-instruct.jinja")) as f:
+        tokenizer.chat_template = f.read()
+    return tokenizer
+
+
+BUILDERS = {
+    "llama3": (build_llama3, "tokenizer.model"),
+    "mistral_v0.3": (build_mistral_v03, "tokenizer.model"),
+    "phi3_5_mini": (build_phi35, "special_tokens.json"),
+}
+_built = {}
+
+
+def built(test_data, name):
+    """(name, tokenizer, PromptFormat) for one of the three models, built once per session."""
+    if name not in _built:
+        build, marker = BUILDERS[name]
+        folder = os.path.join(test_data, "tokenizers", name)
+        require(os.path.join(folder, marker))
+        tokenizer = build(folder)
+        _built[name] = (name, tokenizer, prompt_format(tokenizer))
+    return _built[name]
+
+
+@pytest.fixture(params=MODELS)
+def model(request, test_data):
+    return built(test_data, request.param)
+
+
+@pytest.mark.parametrize("name, vectors", [("llama3", "llama-bpe"), ("phi3_5_mini", "phi-3")])
+def test_tokenizer_builds_match_hf_test_vectors(test_data, name, vectors):
+    """The builds above reproduce llama.cpp's test vectors, generated from the HF tokenizers."""
+    folder = os.path.join(test_data, "tokenizers", "test_vectors")
+    with open(require(os.path.join(folder, "ggml-vocab-llama-bpe.gguf.inp"))) as f:
+        texts = f.read().split("\n__ggml_vocab_test__\n")[:-1]
+    with open(require(os.path.join(folder, f"ggml-vocab-{vectors}.gguf.out"))) as f:
+        expected = [[int(t) for t in line.split()] for line in f.read().splitlines()]
+    _, tokenizer, _ = built(test_data, name)
+    assert [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts] == expected
+
+
+EXPECTED_PROMPTS = {
+    "llama3": (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
+        f"<|start_header_id|>user<|end_header_id|>\n\n{NATALIA}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+    "mistral_v0.3": f"<s>[INST] {NATALIA}[/INST]",
+    "phi3_5_mini": f"<|user|>\n{NATALIA}<|end|>\n<|assistant|>\n",
+}
+# (first 5 ids, last 5 ids) of the encoded prompt. Phi-3's right-stripping special tokens absorb
+# the newlines after <|user|>, <|end|> and <|assistant|>.
+EXPECTED_PROMPT_IDS = {
+    "llama3": ([128000, 128006, 9125, 128007, 271], [128009, 128006, 78191, 128007, 271]),
+    "mistral_v0.3": ([1, 3, 24443, 1283, 4678], [4475, 1254, 4475, 29491, 4]),
+    "phi3_5_mini": ([1, 32010, 26259, 423, 5239], [491, 4331, 29889, 32007, 32001]),
+}
+EXPECTED_FORMATS = {  # bos_token_id, end_token, stop_token_ids, pad_token_id
+    "llama3": (128000, "<|eot_id|>", (128009, 128001, 128008), 128001),
+    "mistral_v0.3": (1, "</s>", (2, 0), 0),
+    "phi3_5_mini": (1, "<|end|>", (32000, 32007), 32000),
+}
+EXPECTED_ANSWER_IDS = {
+    "llama3": [791, 4320, 374, 220, 5332, 13, 128009],
+    "mistral_v0.3": [1183, 5140, 1117, 29473, 29555, 29518, 29491, 2],
+    "phi3_5_mini": [450, 1234, 338, 29871, 29955, 29906, 29889, 32007],
+}
+
+
+def test_prompt_rendering_and_single_bos(model):
+    name, tokenizer, fmt = model
+    assert render_prompt(tokenizer, NATALIA) == EXPECTED_PROMPTS[name]
+    (ids,) = encode_prompts(tokenizer, fmt, [NATALIA])
+    assert (ids[:5], ids[-5:]) == EXPECTED_PROMPT_IDS[name]
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+
+
+def test_prompt_format_and_answer_suffix(model):
+    name, tokenizer, fmt = model
+    assert (fmt.bos_token_id, fmt.end_token, fmt.stop_token_ids, fmt.pad_token_id) == EXPECTED_FORMATS[name]
+    SamplingConfig(stop_token_ids=fmt.stop_token_ids, stop_sequences=fmt.stop_sequences, pad_token_id=fmt.pad_token_id)
+    assert encode_answers(tokenizer, fmt, ["72"]) == [EXPECTED_ANSWER_IDS[name]]
+    assert tokenizer.decode(EXPECTED_ANSWER_IDS[name]) == "The answer is 72." + fmt.end_token
+
+
+RATIONALE = "Natalia sold 48/2 = 24 clips in May, so 3+4=7."
+
+
+@pytest.mark.parametrize("stop", STOP_STRINGS)
+def test_stop_sequences_cut_before_the_stop_string(model, stop):
+    """Each stop string, in running text after a rationale, is cut exactly where it starts (up
+    to the whitespace before it, which a tokenizer may fuse into the stop's first token)."""
+    _, tokenizer, fmt = model
+    text = RATIONALE + (stop if stop[0].isspace() else " " + stop) + " 7."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cut = find_stop(ids, fmt.stop_token_ids, fmt.stop_sequences)
+    assert cut is not None
+    assert tokenizer.decode(ids[:cut]).rstrip() == RATIONALE
+    assert stop.strip().lower() in tokenizer.decode(ids[cut:]).lower()
+
+
+def test_stop_on_realistic_rationales(model):
+    _, tokenizer, fmt = model
+
+    def kept(text):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cut = find_stop(ids, fmt.stop_token_ids, fmt.stop_sequences)
+        return None if cut is None else tokenizer.decode(ids[:cut])
+
+    assert kept(RATIONALE + " The answer is 7.") == RATIONALE
+    assert kept(RATIONALE + "\nThe answer is 7.").rstrip() == RATIONALE
+    assert kept(RATIONALE + "\n\n**The answer is 7**").rstrip() == RATIONALE + "\n\n**"
+    assert kept("We add: 3+4=7. Therefore, the answer is 7.") == "We add: 3+4=7."
+    assert kept("Hence 3+4=7, so the final answer is 7.") == "Hence 3+4=7,"
+    assert kept(RATIONALE) is None
+    ids = tokenizer(RATIONALE, add_special_tokens=False)["input_ids"]
+    end = tokenizer.convert_tokens_to_ids(fmt.end_token)
+    assert find_stop(ids + [end] + ids, fmt.stop_token_ids, fmt.stop_sequences) == len(ids)
+
+
+def test_find_stop_semantics():
+    stops, seqs = (0,), ((5, 6), (4, 5, 6), (9,))
+    assert find_stop([1, 2, 4, 5, 6, 7], stops, seqs) == 2  # longest sequence completing on the same token
+    assert find_stop([1, 5, 6, 0], stops, seqs) == 1  # the first completed stop wins
+    assert find_stop([1, 0, 5, 6], stops, seqs) == 1
+    assert find_stop([9], stops, seqs) == 0
+    assert find_stop([1, 2, 3], stops, seqs) is None
+    assert find_stop([], stops, seqs) is None
+
+
+def test_load_tokenizer_from_checkpoint_dir(tmp_path, test_data):
+    folder = os.path.join(test_data, "tokenizers", "mistral_v0.3")
+    require(os.path.join(folder, "tokenizer.model"))
+    build_mistral_v03(folder).save_pretrained(tmp_path / "hf")
+    (tmp_path / "model_config.json").write_text("{}")
+    tokenizer = load_tokenizer(tmp_path)
+    assert render_prompt(tokenizer, NATALIA) == EXPECTED_PROMPTS["mistral_v0.3"]
+    assert load_tokenizer(tmp_path / "hf")("Hello")["input_ids"] == tokenizer("Hello")["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer extraction
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("3+4=7. The answer is 7.", "7"),
+        ("The answer is $1,000.", "1000"),
+        ("The answer is 1,234,567 people", "1234567"),
+        ("the answer is -5 degrees", "-5"),
+        ("The answer is 3.50 dollars", "3.5"),
+        ("The answer is: 7.0", "7"),
+        ("The answer is .5", "0.5"),
+        ("THE ANSWER IS 42", "42"),
+        ("She has 12 apples and eats 5, leaving 7", "7"),  # no "the answer is": the last number
+        ("The answer is 5. Recount: 3+4=7. The answer is 7. Done.", "7"),  # the last "the answer is"
+        ("The answer is 18 - 3 = 15", "18"),  # the first number after it
+        ("The answer is unclear; 4 + 4 = 8.", "4"),
+        ("We have 3 apples. The answer is unknown.", "3"),  # no number after it: the last number
+        ("Counts 7, 8 and 9", "9"),
+        ("No numbers here.", None),
+        ("", None),
+    ],
+)
+def test_extract_gsm8k(text, expected):
+    assert extract_gsm8k(text) == expected
+
+
+def test_gsm8k_correct_and_canonical_numbers():
+    assert gsm8k_correct("The answer is 7.0", "7")
+    assert gsm8k_correct("The answer is $1,000", "1000")
+    assert gsm8k_correct("The answer is 1000", "1,000")
+    assert gsm8k_correct("The answer is -3.", "-3")
+    assert not gsm8k_correct("The answer is 8", "7")
+    assert not gsm8k_correct("no idea", "7")
+    assert [canonical_number(x) for x in ("1,000.50", "-0", "100", "007", "abc", "nan")] == [
+        "1000.5", "0", "100", "7", None, None,
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, gold, correct",
+    [
+        ("Rubbing dry skin makes heat. The answer is dry palms.", "dry palms", True),
+        ("The answer is (A) Dry Palms", "dry palms", True),
+        ("So the answer is: 'dry palms'", "dry palms", True),
+        ("dry palms rub faster", "dry palms", False),  # no "the answer is"
+        ("The answer is dry palms. No wait, the answer is wet palms.", "dry palms", False),  # the last one
+        ("The answer is wet palms.", "dry palms", False),
+    ],
+)
+def test_arc_correct(text, gold, correct):
+    assert arc_correct(text, gold) is correct
+
+
+def test_arc_extraction_and_choice():
+    options = ("heat", "heat and light", "sound")
+    assert extract_arc("Thus, The answer is Dry Palms.") == " dry palms."
+    assert extract_arc("no final answer") is None
+    assert arc_choice("The answer is heat and light.", options) == "heat and light"  # longest at the same place
+    assert arc_choice("The answer is sound, not heat.", options) == "sound"  # the first named
+    assert arc_choice("The answer is none of them.", options) is None
+    assert arc_choice("heat", options) is None
+
+
+def test_majority_vote():
+    assert majority_vote(["7", "8", "7"]) == "7"
+    assert majority_vote(["8", "7", "7", "8"]) == "8"  # tie: the earliest first occurrence
+    assert majority_vote([None, "3", None, "4"]) == "3"  # None does not vote
+    assert majority_vote([None, None, "5"]) == "5"
+    assert majority_vote([None, None]) is None
+    assert majority_vote([]) is None
+    samples = ["The answer is 7.0", "The answer is $7", "The answer is 8", "I give up"]
+    assert majority_vote([extract_gsm8k(t) for t in samples]) == "7"  # numbers vote by value
+    arc = ["The answer is dry palms.", "The answer is (B) wet palms", "the answer is DRY PALMS"]
+    assert majority_vote([arc_choice(t, ("dry palms", "wet palms")) for t in arc]) == "dry palms"

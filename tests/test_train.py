@@ -1,0 +1,116 @@
+"""The LaTRO update's pieces: rewards through the KV cache against a full re-score, micro-batch
+accumulation, skipped non-finite updates, and the number of model passes per update.
+Tolerances: 1e-4 on sums of ~30 token log-probs (f32; the cached and uncached paths differ in
+summation order); 1e-6 on params after micro-batched vs whole-batch accumulation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import latro_jax.model
+import latro_jax.sampling
+import latro_jax.scoring
+from latro_jax.config import ModelConfig
+from latro_jax.experiment import OptimSpec
+from latro_jax.model import init_params
+from latro_jax.objective import ObjectiveConfig, rollout_advantages
+from latro_jax.sampling import SamplingConfig
+from latro_jax.scoring import masked_sum, token_logprobs
+from latro_jax.train import latro_rows_loss, make_optimizer, rollout, update
+
+CONFIG = ModelConfig("llama", 64, 32, 48, 2, 4, 2, 8)
+OBJECTIVE = ObjectiveConfig(beta=0.05)
+SAMPLING = SamplingConfig(max_new_tokens=12, num_samples=4, stop_token_ids=(2,), stop_sequences=((7, 8),))
+PROMPTS = [[1, 5, 6, 7], [1, 9, 10]]
+ANSWERS = [[11, 12, 2], [13, 2]]
+
+
+def rows_of(scored):
+    return dict(tokens=scored.tokens, attention_mask=scored.attention_mask, rationale_mask=scored.rationale_mask,
+                answer_mask=scored.answer_mask, advantages=scored.advantages)
+
+
+@pytest.fixture(scope="module")
+def scored():
+    params = init_params(CONFIG, seed=0)
+    ref = init_params(CONFIG, seed=1)  # a different reference, so the KL term is not zero
+    result, out = rollout(CONFIG, OBJECTIVE, SAMPLING, params, ref, PROMPTS, ANSWERS, jax.random.key(0))
+    return params, ref, result, out
+
+
+@pytest.mark.parametrize("reference_compat", [False, True])
+def test_cached_answer_reward_equals_full_rescoring(scored, reference_compat):
+    """R from the sampler's cache continuation (and, for reference_compat, the released code's
+    extra token: the last one before the answer) equals the same quantities scored over the
+    packed sequence from scratch; compared through the advantages they produce."""
+    params, ref, _, _ = scored
+    objective = ObjectiveConfig(beta=0.05, reference_compat=reference_compat)
+    result, out = rollout(CONFIG, objective, SAMPLING, params, ref, PROMPTS, ANSWERS, jax.random.key(0))
+    logprobs = token_logprobs(CONFIG, params, result.tokens, result.attention_mask)
+    answer_sums = masked_sum(logprobs, result.answer_mask)
+    context = np.asarray(result.attention_mask & ~result.answer_mask)
+    last_context = context.shape[1] - 1 - np.argmax(context[:, ::-1], axis=1)
+    last_context_logprob = np.asarray(logprobs)[np.arange(len(last_context)), last_context]
+    policy = masked_sum(logprobs, result.rationale_mask)
+    ref_sums = masked_sum(token_logprobs(CONFIG, ref, result.tokens, result.attention_mask), result.rationale_mask)
+    expected, _ = rollout_advantages(objective, SAMPLING.num_samples, policy, ref_sums, answer_sums, out.finished,
+                                     jnp.asarray(last_context_logprob))
+    np.testing.assert_allclose(np.asarray(result.advantages), np.asarray(expected), atol=1e-4)
+    # The sampler's own log-probs are the policy's (on-policy).
+    np.testing.assert_allclose(np.asarray(out.logprobs.sum(1)), np.asarray(policy), atol=1e-4)
+
+
+def test_micro_batches_give_the_whole_batch_gradient(scored):
+    params, _, result, _ = scored
+    optimizer = make_optimizer(OptimSpec(learning_rate=1e-3), 10)
+    results = []
+    for micro_batch in (2, 8):
+        p = jax.tree.map(jnp.copy, params)
+        new, _, metrics = update(CONFIG, OBJECTIVE, optimizer, micro_batch, latro_rows_loss, p, optimizer.init(p),
+                                 rows_of(result))
+        results.append((new, metrics))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[0][0], results[1][0])
+    np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-5)
+    assert int(results[0][1]["skipped"]) == 0
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), results[0][0], params)
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_non_finite_update_is_skipped(scored):
+    params, _, result, _ = scored
+    optimizer = make_optimizer(OptimSpec(learning_rate=1e-3), 10)
+    rows = rows_of(result)
+    rows["advantages"] = rows["advantages"].at[3].set(jnp.nan)
+    p = jax.tree.map(jnp.copy, params)
+    state = optimizer.init(p)
+    new, new_state, metrics = update(CONFIG, OBJECTIVE, optimizer, 4, latro_rows_loss, p, state, rows)
+    assert int(metrics["skipped"]) == 1
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new, params)
+
+
+def test_model_passes_per_update(monkeypatch):
+    """The decoder calls traced into an update's compiled programs, for a config nothing else
+    compiles: the prefill, the decode step (the while-loop body, run once per generated token),
+    the answer continuation, the reference forward, and one policy forward whose backward is
+    its gradient (a single micro-batch; the scan body is traced once)."""
+    calls = []
+    original = latro_jax.model.hidden_states
+
+    def counting(config, params, tokens, *args, **kwargs):
+        calls.append(tokens.shape)
+        return original(config, params, tokens, *args, **kwargs)
+
+    for module in (latro_jax.sampling, latro_jax.scoring):
+        monkeypatch.setattr(module, "hidden_states", counting)
+    config = CONFIG.replace(vocab_size=65)
+    params, ref = init_params(config, seed=0), init_params(config, seed=1)
+    optimizer = make_optimizer(OptimSpec(learning_rate=1e-3), 10)
+    result, out = rollout(config, OBJECTIVE, SAMPLING, params, ref, PROMPTS, ANSWERS, jax.random.key(0))
+    n = len(PROMPTS) * SAMPLING.num_samples
+    assert [shape[0] for shape in calls] == [len(PROMPTS), n, n, n]  # prefill once per question
+    assert calls[1][1] == 1  # the decode step feeds one token
+    update(config, OBJECTIVE, optimizer, n, latro_rows_loss, params, optimizer.init(params), rows_of(result))
+    assert len(calls) == 5 and calls[4][0] == n
