@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-requirements
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup test convert export bench clean-venv
+.PHONY: setup test train eval convert export bench clean-venv
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,17 @@ setup: $(STAMP)
 # PYTEST_ARGS="-k parity" narrows the run.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --durations=10 $(PYTEST_ARGS) tests
+
+# Command-line variables other than EXP/MODEL/ARGS are passed on as overrides:
+#   make train EXP=gsm8k_llama train.updates=2 rollout.num_samples=4
+OVERRIDES = $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(if $(filter EXP MODEL ARGS SRC OUT CKPT PYTEST_ARGS,$(v)),,$(v)=$($(v)))))
+
+train: $(STAMP)
+	$(BIN)/python tools/train.py $(EXP) $(OVERRIDES)
+
+# make eval MODEL=<checkpoint, run step or HF dir> ARGS="--task gsm8k --split test"
+eval: $(STAMP)
+	$(BIN)/python tools/eval.py $(MODEL) $(ARGS)
 
 # make convert SRC=<HF dir or hub id> OUT=<checkpoint dir> [ARGS="--param-dtype bfloat16"]
 convert: $(STAMP)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import sys
 import typing
 
 from latro_jax.objective import ObjectiveConfig
@@ -164,6 +165,8 @@ def load_experiment(name: str, overrides: list[str] = (), directory: str | None 
     if not os.path.isfile(path):
         available = sorted(f[:-3] for f in os.listdir(directory) if f.endswith(".py") and not f.startswith("_"))
         raise ExperimentError(f"no experiment {name!r} ({path}); available: {', '.join(available)}")
+    if directory not in sys.path:
+        sys.path.insert(0, directory)  # experiments import their shared recipe module
     spec = importlib.util.spec_from_file_location(f"experiments.{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -15,16 +15,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
+import signal
+import time
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
+from tqdm.auto import tqdm
 
+from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, load_model
 from latro_jax.config import ModelConfig
-from latro_jax.experiment import OptimSpec
+from latro_jax.convert.hf import convert_hf
+from latro_jax.data.prompts import encode_answers, encode_prompts, load_tokenizer, prompt_format
+from latro_jax.data.tasks import load_task
+from latro_jax.evaluate import evaluate
+from latro_jax.experiment import Experiment, ExperimentError, OptimSpec
 from latro_jax.objective import ObjectiveConfig, rollout_advantages, surrogate_loss
 from latro_jax.sampling import SampleOutput, SamplingConfig, bucket, pad_prompts, sample
 from latro_jax.scoring import continuation_logprobs, masked_sum, token_logprobs
@@ -216,3 +227,229 @@ def rollout(
         jnp.asarray(repeat(np.array([len(a) for a in answers], np.int32))),
     )
     return scored, out
+
+
+# ---- the training run ------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    """Raised after SIGTERM/Ctrl-C once the current update is finished and saved."""
+
+
+def load_policy(exp: Experiment) -> tuple[ModelConfig, nnx.State, str]:
+    """The starting weights (float32 master params, compute dtype from the experiment) and the
+    directory holding the tokenizer files."""
+    spec = exp.model
+    checkpoint = spec.checkpoint
+    if spec.hf:
+        checkpoint = os.path.join(exp.run_dir, "base_model")
+        if not os.path.isdir(checkpoint):
+            convert_hf(spec.hf, checkpoint, param_dtype="float32")
+    if not os.path.isfile(os.path.join(checkpoint, CONFIG_FILE)):
+        raise ExperimentError(
+            f"model.checkpoint={checkpoint!r} is not a latro-jax checkpoint. Convert the HF weights first "
+            f"(`make convert SRC=<HF dir or hub id> OUT={checkpoint}`), or set model.hf=<HF dir or hub id> "
+            "to convert on first use"
+        )
+    config, params = load_model(checkpoint, dtype=spec.dtype, param_dtype="float32")
+    return config, params, spec.tokenizer or os.path.join(checkpoint, HF_DIR)
+
+
+def batch_indices(num_examples: int, batch: int, step: int, seed: int) -> np.ndarray:
+    """The examples of update `step`: consecutive slices of a stream of per-epoch permutations,
+    a pure function of (step, seed) so that a resumed run continues exactly."""
+    start = step * batch
+    out = []
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), num_examples)
+        order = np.random.default_rng((seed, epoch)).permutation(num_examples)
+        out.extend(order[offset : offset + batch - len(out)].tolist())
+    return np.asarray(out)
+
+
+class RunLog:
+    """metrics.jsonl, TensorBoard events, and sampled rationales as text."""
+
+    def __init__(self, run_dir: str):
+        from tensorboardX import SummaryWriter
+
+        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        self.samples = open(os.path.join(run_dir, "samples.txt"), "a")
+        self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        self.metrics.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.metrics.flush()
+        for name, value in metrics.items():
+            self.tensorboard.add_scalar(name, value, step)
+        self.tensorboard.flush()
+
+    def write_samples(self, step: int, texts: list[str]) -> None:
+        self.samples.write(f"==== update {step}\n" + "\n----\n".join(texts) + "\n")
+        self.samples.flush()
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.samples.close()
+        self.tensorboard.close()
+
+
+def _checkpoint_args(state: dict, meta: dict):
+    return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+
+
+def sft_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int, slots: int) -> dict:
+    """Prompt + completion, left-aligned and right-padded to `slots`; the loss is on the completion."""
+    n = len(prompts)
+    tokens = np.full((n, slots), pad_id, np.int32)
+    completion_mask = np.zeros((n, slots), bool)
+    attention_mask = np.zeros((n, slots), bool)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        tokens[i, : len(p) + len(c)] = p + c
+        attention_mask[i, : len(p) + len(c)] = True
+        completion_mask[i, len(p) : len(p) + len(c)] = True
+    return {"tokens": tokens, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress: bool = True) -> dict:
+    """Train `exp` from scratch or from its latest checkpoint; return the last metrics.
+
+    `stop_after` ends the run (saving) after that many updates of this call, as an interruption
+    would. The run directory holds config.json, checkpoints/ (last N), best/ (by validation
+    greedy accuracy), metrics.jsonl, tensorboard/, samples.txt and eval_<step>.json.
+    """
+    run_dir = exp.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(exp), f, indent=1)
+    config, params, tokenizer_dir = load_policy(exp)
+    tokenizer = tokenizer or load_tokenizer(tokenizer_dir)
+    fmt = prompt_format(tokenizer)
+    source = exp.data.source or None
+    train_set = load_task(exp.data.task, exp.data.train_split, source)
+    eval_set = load_task(exp.data.task, exp.data.eval_split, source)
+    eval_set = eval_set[: exp.data.eval_size or None]
+    sft = exp.train.method == "sft"
+
+    @functools.lru_cache(maxsize=None)
+    def encoded(i: int) -> tuple[list[int], list[int]]:
+        """(prompt ids, target ids) of training example i, tokenized when first drawn."""
+        example = train_set[i]
+        (prompt,) = encode_prompts(tokenizer, fmt, [example.question])
+        if not sft:
+            return prompt, encode_answers(tokenizer, fmt, [example.answer])[0]
+        target = example.rationale if example.rationale is not None else f"The answer is {example.answer}."
+        return prompt, tokenizer.encode(target + fmt.end_token, add_special_tokens=False)
+
+    t = exp.train
+    optimizer = make_optimizer(exp.optim, t.updates)
+    ref_params = None if sft else jax.tree.map(jnp.copy, params)
+    opt_state = optimizer.init(params)
+    sampling = SamplingConfig(
+        max_new_tokens=exp.rollout.max_new_tokens, temperature=exp.rollout.temperature,
+        num_samples=exp.rollout.num_samples, stop_token_ids=fmt.stop_token_ids,
+        stop_sequences=fmt.stop_sequences, pad_token_id=fmt.pad_token_id,
+    )
+    latest = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(run_dir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_last), item_names=("state", "meta"),
+    )
+    best = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(run_dir, "best")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["greedy_accuracy"], best_mode="max"),
+        item_names=("state", "meta"),
+    )
+    step = 0
+    if latest.latest_step() is not None:
+        abstract = jax.eval_shape(lambda: {"params": params, "opt_state": opt_state})
+        restored = latest.restore(
+            latest.latest_step(),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
+        )
+        params, opt_state, step = restored.state["params"], restored.state["opt_state"], restored.meta["step"]
+        if ref_params is not None:
+            # pi_0 is the starting model: reload it rather than keep a copy in every checkpoint.
+            ref_params = load_policy(exp)[1]
+    log = RunLog(run_dir)
+    stop = {"signal": False}
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+    key = jax.random.key(t.seed)
+    eval_key = jax.random.fold_in(key, 2**31 - 1)  # a stream apart from the updates' fold_in(key, step)
+
+    def save(at: int, eval_metrics: dict | None = None) -> None:
+        state = {"params": params, "opt_state": opt_state}
+        meta = {"step": at, "experiment": exp.name}
+        if latest.latest_step() != at:
+            latest.save(at, args=_checkpoint_args(state, meta))
+        if eval_metrics is not None:
+            best.save(at, args=_checkpoint_args(state, meta), metrics={"greedy_accuracy": eval_metrics["greedy_accuracy"]})
+
+    def run_eval(at: int) -> dict:
+        result = evaluate(config, params, tokenizer, fmt, eval_set, exp.data.task, exp.rollout.max_new_tokens,
+                          t.maj_k, jax.random.fold_in(eval_key, at), progress=progress)
+        with open(os.path.join(run_dir, f"eval_{at}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        return result
+
+    metrics: dict = {}
+    bar = tqdm(total=t.updates, initial=step, desc=exp.name, unit="update", disable=not progress)
+    done_here = 0
+    try:
+        while step < t.updates:
+            indices = batch_indices(len(train_set), t.questions_per_update, step, t.seed)
+            batch_prompts, batch_targets = (list(x) for x in zip(*(encoded(int(i)) for i in indices)))
+            started = time.perf_counter()
+            if sft:
+                slots = bucket(max(len(p) + len(c) for p, c in zip(batch_prompts, batch_targets)), sampling.prompt_buckets)
+                rows = sft_rows(batch_prompts, batch_targets, fmt.pad_token_id, slots)
+                rows_loss, timings, rollout_metrics = sft_rows_loss, {}, {}
+            else:
+                scored, out = rollout(config, exp.objective, sampling, params, ref_params, batch_prompts,
+                                      batch_targets, jax.random.fold_in(key, step))
+                jax.block_until_ready(scored.advantages)
+                timings = {"time_rollout_s": time.perf_counter() - started}
+                rows = dict(tokens=scored.tokens, attention_mask=scored.attention_mask,
+                            rationale_mask=scored.rationale_mask, answer_mask=scored.answer_mask,
+                            advantages=scored.advantages)
+                rows_loss, rollout_metrics = latro_rows_loss, scored.metrics
+            update_started = time.perf_counter()
+            params, opt_state, update_metrics = update(
+                config, exp.objective, optimizer, t.micro_batch, rows_loss, params, opt_state, rows
+            )
+            jax.block_until_ready(update_metrics["loss"])
+            now = time.perf_counter()
+            real_tokens = int(np.asarray(rows["attention_mask"]).sum())
+            metrics = {k: float(v) for k, v in {**rollout_metrics, **update_metrics}.items()}
+            metrics.update(timings, time_update_s=now - update_started, tokens_per_s=real_tokens / (now - started),
+                           lr=learning_rate(exp.optim, t.updates, step))
+            if metrics["skipped"]:
+                tqdm.write(f"update {step}: non-finite loss or gradient; update skipped (params unchanged)")
+            step += 1
+            done_here += 1
+            log.write(step, metrics)
+            bar.update()
+            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "reward_mean", "kl_mean") if k in metrics})
+            eval_metrics = None
+            if step % t.eval_every == 0 or step == t.updates:
+                result = run_eval(step)
+                eval_metrics = {k: v for k, v in result.items() if k.endswith("accuracy")}
+                log.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                log.write_samples(step, [r["greedy_text"] for r in result["rows"][:4]])
+                metrics.update(eval_metrics)
+            if step % t.save_every == 0 or eval_metrics is not None or step == t.updates:
+                save(step, eval_metrics)
+            if stop["signal"] or (stop_after is not None and done_here >= stop_after):
+                raise Interrupted(f"stopped after update {step}; rerun the same command to resume")
+    except (KeyboardInterrupt, Interrupted) as e:
+        save(step)
+        if not isinstance(e, Interrupted) or stop["signal"]:
+            raise
+    finally:
+        latest.wait_until_finished()
+        best.wait_until_finished()
+        latest.close()
+        best.close()
+        bar.close()
+        log.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+    return {"step": step, "params": params, **metrics}

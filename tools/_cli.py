@@ -9,8 +9,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from latro_jax.config import ConfigError  # noqa: E402
 from latro_jax.convert.weights import WeightError  # noqa: E402
+from latro_jax.data.tasks import DataError  # noqa: E402
+from latro_jax.experiment import ExperimentError  # noqa: E402
 
-USER_ERRORS = (ConfigError, WeightError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ConfigError, WeightError, DataError, ExperimentError, FileNotFoundError, FileExistsError)
 
 
 def run(main) -> None:

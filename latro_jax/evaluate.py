@@ -1,0 +1,88 @@
+"""Zero-shot evaluation as in the paper: greedy accuracy and self-consistency maj@k.
+
+Greedy: temperature 0, up to `max_new_tokens`, stopping at EOS / the end-of-turn token (not at
+"The answer is": the answer must be generated). maj@k: k samples at T=1 per question, each
+answer extracted, then `majority_vote` (unextractable answers do not vote; a tie goes to the
+answer that occurs first among the k samples). ARC samples vote for the option they name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+from tqdm.auto import tqdm
+
+from latro_jax.config import ModelConfig
+from latro_jax.data.extraction import arc_choice, canonical_number, extract_gsm8k, majority_vote
+from latro_jax.data.prompts import PromptFormat, encode_prompts
+from latro_jax.data.tasks import Example
+from latro_jax.sampling import SamplingConfig, sample
+
+
+def extract(task: str, text: str, example: Example) -> str | None:
+    """The answer a generated text gives, in the form compared with the gold answer."""
+    if task == "gsm8k":
+        return extract_gsm8k(text)
+    return arc_choice(text, example.options)
+
+
+def gold(task: str, example: Example) -> str | None:
+    return canonical_number(example.answer) if task == "gsm8k" else example.answer
+
+
+def generate_texts(config, params, tokenizer, fmt, prompts, sampling, rng, batch_size) -> list[list[str]]:
+    """Decoded generations: one list of `sampling.num_samples` texts per prompt."""
+    texts = []
+    per_batch = max(1, batch_size // sampling.num_samples)
+    for start in range(0, len(prompts), per_batch):
+        out = sample(config, params, prompts[start : start + per_batch], jax.random.fold_in(rng, start), sampling)
+        tokens, lengths = jax.device_get((out.tokens, out.lengths))
+        decoded = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(tokens, lengths)]
+        k = sampling.num_samples
+        texts.extend(decoded[i : i + k] for i in range(0, len(decoded), k))
+    return texts
+
+
+def evaluate(
+    config: ModelConfig,
+    params,
+    tokenizer,
+    fmt: PromptFormat,
+    examples: Sequence[Example],
+    task: str,
+    max_new_tokens: int,
+    maj_k: int,
+    rng: jax.Array,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict:
+    """Greedy and maj@k accuracy on `examples`; also the greedy generations for inspection."""
+    prompts = encode_prompts(tokenizer, fmt, [e.question for e in examples])
+    common = dict(
+        max_new_tokens=max_new_tokens, stop_token_ids=fmt.stop_token_ids, pad_token_id=fmt.pad_token_id
+    )
+    greedy = SamplingConfig(temperature=0.0, **common)
+    voted = SamplingConfig(temperature=1.0, num_samples=maj_k, **common)
+    bar = tqdm(total=2, desc="eval", leave=False, disable=not progress)
+    greedy_texts = generate_texts(config, params, tokenizer, fmt, prompts, greedy, rng, batch_size)
+    bar.update()
+    voted_texts = generate_texts(config, params, tokenizer, fmt, prompts, voted, jax.random.fold_in(rng, 1), batch_size)
+    bar.close()
+    rows, greedy_correct, voted_correct = [], 0, 0
+    for example, (text,), samples in zip(examples, greedy_texts, voted_texts):
+        answer = extract(task, text, example)
+        vote = majority_vote([extract(task, s, example) for s in samples])
+        target = gold(task, example)
+        greedy_correct += answer is not None and answer == target
+        voted_correct += vote is not None and vote == target
+        rows.append({"id": example.id, "gold": target, "greedy_answer": answer, f"maj@{maj_k}": vote, "greedy_text": text})
+    n = max(1, len(examples))
+    return {
+        "examples": len(examples),
+        "greedy_accuracy": greedy_correct / n,
+        f"maj@{maj_k}_accuracy": voted_correct / n,
+        "maj_k": maj_k,
+        "tie_rule": "unextractable answers do not vote; a tie goes to the answer occurring first among the samples",
+        "rows": rows,
+    }

@@ -1,0 +1,82 @@
+"""Evaluate a model on a task split: greedy accuracy and maj@k, written to results.json.
+
+    python tools/eval.py MODEL --task gsm8k --split test [--maj-k 8] [--limit 100] [--out results.json]
+
+MODEL is a latro-jax model checkpoint (`make convert` output), a training run's checkpoint step
+(runs/<exp>/best/<step> or runs/<exp>/checkpoints/<step>), or an HF directory / hub id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+import _cli
+
+
+def load(model: str, run_config: str | None, dtype: str):
+    """(ModelConfig, params, tokenizer directory) for any of the accepted MODEL forms."""
+    import orbax.checkpoint as ocp
+
+    from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, load_model
+    from latro_jax.convert.hf import convert_hf
+    from latro_jax.experiment import Experiment, load_experiment  # noqa: F401
+    from latro_jax.train import load_policy
+
+    if os.path.isfile(os.path.join(model, CONFIG_FILE)):
+        config, params = load_model(model, dtype=dtype)
+        return config, params, os.path.join(model, HF_DIR)
+    if os.path.isdir(os.path.join(model, "state")):  # a training checkpoint step
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(model)))
+        with open(run_config or os.path.join(run_dir, "config.json")) as f:
+            name = json.load(f)["name"]
+        exp = load_experiment(name, [f"train.output_dir={os.path.dirname(run_dir)}"])
+        config, params, tokenizer_dir = load_policy(exp)
+        abstract = {"params": params}
+        with ocp.CheckpointManager(os.path.dirname(os.path.abspath(model)), item_names=("state",)) as manager:
+            restored = manager.restore(int(os.path.basename(model)), args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract, strict=False)))
+        return config.replace(dtype=dtype), restored.state["params"], tokenizer_dir
+    converted = os.path.join(tempfile.mkdtemp(prefix="latro-eval-"), "model")
+    convert_hf(model, converted)
+    config, params = load_model(converted, dtype=dtype)
+    return config, params, os.path.join(converted, HF_DIR)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--task", choices=["gsm8k", "arc_challenge"], required=True)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--source", default=None, help="local jsonl directory (default: the HF hub)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: the model's)")
+    parser.add_argument("--maj-k", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=500)
+    parser.add_argument("--limit", type=int, default=0, help="evaluate the first N questions only")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results.json")
+    args = parser.parse_args()
+    import jax
+
+    from latro_jax.data.prompts import load_tokenizer, prompt_format
+    from latro_jax.data.tasks import load_task
+    from latro_jax.evaluate import evaluate
+
+    config, params, tokenizer_dir = load(args.model, None, args.dtype)
+    tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir)
+    examples = load_task(args.task, args.split, args.source)[: args.limit or None]
+    result = evaluate(config, params, tokenizer, prompt_format(tokenizer), examples, args.task, args.max_new_tokens,
+                      args.maj_k, jax.random.key(args.seed), args.batch_size)
+    result = {"model": args.model, "task": args.task, "split": args.split, **result}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{args.task}/{args.split} ({result['examples']} questions): greedy {result['greedy_accuracy']:.4f}, "
+          f"maj@{args.maj_k} {result[f'maj@{args.maj_k}_accuracy']:.4f} -> {args.out}")
+
+
+if __name__ == "__main__":
+    _cli.run(main)

@@ -1,0 +1,35 @@
+"""Train an experiment: `python tools/train.py EXP [section.field=value ...]` (or `make train EXP=...`).
+
+    python tools/train.py gsm8k_llama
+    python tools/train.py gsm8k_llama train.updates=2 rollout.num_samples=4 model.checkpoint=ckpt/llama
+
+Rerunning the same command resumes from the run's latest checkpoint. SIGTERM or Ctrl-C saves
+before exiting.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import _cli
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0 if len(sys.argv) >= 2 else 2)
+    from latro_jax.experiment import load_experiment
+    from latro_jax.train import Interrupted, run
+
+    exp = load_experiment(sys.argv[1], sys.argv[2:])
+    try:
+        result = run(exp)
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"\n{exp.name}: interrupted; saved. {e}", file=sys.stderr)
+        sys.exit(130)
+    summary = {k: round(v, 4) for k, v in result.items() if k.endswith("accuracy")}
+    print(f"{exp.name}: {result['step']} updates in {exp.run_dir} {summary}")
+
+
+if __name__ == "__main__":
+    _cli.run(main)
