@@ -127,7 +127,9 @@ def graphdef(config: ModelConfig) -> nnx.GraphDef:
 class KVCache(NamedTuple):
     """Keys and values of past tokens.
 
-    k, v: one [batch, max_len, kv_heads, head_dim] array per layer.
+    k, v: one [batch, kv_heads, max_len, head_dim] array per layer: heads before slots, so the
+    attention contractions read the cache in place (a [batch, max_len, kv_heads, ...] layout makes
+    XLA transpose the whole cache of every layer at every decode step).
     positions: [batch, max_len] int32, the position of the token in each slot; -1 = empty or padding.
     index: [] int32, the next slot to write (all rows write the same slot: prompts are padded).
     Callers size max_len for everything they will write: a write past the end is clamped by
@@ -141,7 +143,7 @@ class KVCache(NamedTuple):
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
-    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
     dtype = jnp.dtype(config.dtype)
     return KVCache(
         k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
@@ -152,17 +154,17 @@ def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
 
 
 def _attend(q, k, v, q_pos, k_pos, window: int | None) -> jax.Array:
-    """q: [B, T, H, D]; k, v: [B, S, KV, D]; q_pos [B, T], k_pos [B, S] (-1 = not attendable)."""
+    """q: [B, T, H, D]; k, v: [B, KV, S, D]; q_pos [B, T], k_pos [B, S] (-1 = not attendable)."""
     b, t, h, d = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
     allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
     if window is not None:
         allowed &= k_pos[:, None, :] > q_pos[:, :, None] - window
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
 
 
@@ -178,10 +180,11 @@ def _attention_block(attn: Attention, cfg: ModelConfig, x, cos, sin, q_pos, k_po
     if cfg.qk_norm:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, KV, T, D], the cache layout
     if cache_kv is not None:
         cache_k, cache_v = cache_kv
-        k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
+        k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=2)
+        v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=2)
         cache_kv = (k, v)
     out = _attend(q, k.astype(dtype), v.astype(dtype), q_pos, k_pos, window)
     out = jnp.einsum("bthk,hkd->btd", out, attn.o_proj[...].astype(dtype))
