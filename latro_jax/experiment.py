@@ -70,6 +70,7 @@ class TrainSpec:
     keep_last: int = 2
     maj_k: int = 8
     output_dir: str = "runs"
+    wandb_project: str = ""  # log to Weights & Biases too (needs `pip install wandb`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +157,16 @@ def apply_overrides(exp: Experiment, overrides: list[str]) -> Experiment:
         value = _parse(text, hints[field], key)
         exp = dataclasses.replace(exp, **{section_name: dataclasses.replace(section, **{field: value})})
     return exp
+
+
+def experiment_from_dict(fields: dict) -> Experiment:
+    """The inverse of `dataclasses.asdict` (a run's config.json)."""
+    sections = {f.name: f.type for f in dataclasses.fields(Experiment)}
+    hints = typing.get_type_hints(Experiment)
+    return Experiment(
+        name=fields["name"],
+        **{name: hints[name](**fields[name]) for name in sections if name != "name" and name in fields},
+    )
 
 
 def load_experiment(name: str, overrides: list[str] = (), directory: str | None = None) -> Experiment:

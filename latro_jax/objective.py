@@ -101,7 +101,7 @@ def rollout_advantages(
     answer_logprob_sums: jax.Array,
     finished: jax.Array,
     last_context_logprob: jax.Array | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """RLOO advantages of a whole rollout batch, all constants (no gradient). `cfg`, `k` static.
 
     policy_rationale_logprob_sums [N]: log pi(z|x); ref_rationale_logprob_sums [N]: log pi_0(z|x);
@@ -111,8 +111,8 @@ def rollout_advantages(
 
     Computed over the whole batch because the non-stop penalty's mean and the RLOO groups span
     it; the gradient pass may then run in micro-batches (`surrogate_loss`).
-    Returns (advantages [N], metrics of [] float32): reward_* are of r (after the non-stop penalty
-    and KL); answer_reward_mean is of R before the non-stop penalty; kl_mean is
+    Returns (advantages [N], rewards r [N], metrics of [] float32): reward_* are of r (after the
+    non-stop penalty and KL); answer_reward_mean is of R before the non-stop penalty; kl_mean is
     mean(log pi(z|x) - log pi_0(z|x)).
     """
     n = policy_rationale_logprob_sums.shape[0]
@@ -144,7 +144,7 @@ def rollout_advantages(
         "advantage_max": jnp.max(advantages),
         "finished_fraction": jnp.mean(finished.astype(jnp.float32)),
     }
-    return advantages, metrics
+    return advantages, penalised, metrics
 
 
 def surrogate_loss(
@@ -209,7 +209,7 @@ def latro_loss(
     rationale_logprob = masked_sum(rationale_logprobs.astype(jnp.float32), rationale_mask)
     if reward_answer_logprob_sums is None:
         reward_answer_logprob_sums = masked_sum(answer_logprobs.astype(jnp.float32), answer_mask)
-    advantages, metrics = rollout_advantages(
+    advantages, _, metrics = rollout_advantages(
         cfg, k, rationale_logprob, ref_rationale_logprob_sums, reward_answer_logprob_sums, finished,
         last_context_logprob,
     )

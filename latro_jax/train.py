@@ -48,7 +48,7 @@ class Rollout(NamedTuple):
 
     tokens, attention_mask: [N, S] prompt (left-padded) + rationale + answer, contiguous, then
     right padding; rationale_mask, answer_mask: [N, S] the tokens of z and of y;
-    advantages [N] (constants); metrics: scalars.
+    advantages [N] (constants); rewards [N]: r, the KL-penalised self-reward; metrics: scalars.
     """
 
     tokens: jax.Array
@@ -56,6 +56,7 @@ class Rollout(NamedTuple):
     rationale_mask: jax.Array
     answer_mask: jax.Array
     advantages: jax.Array
+    rewards: jax.Array
     metrics: dict
 
 
@@ -120,12 +121,12 @@ def score_rollout(
     ref_logprobs = token_logprobs(config, ref_params, tokens[:, :context], attention_mask[:, :context])
     ref_sums = masked_sum(ref_logprobs, rationale_mask[:, :context])
     policy_sums = jnp.sum(out.logprobs, axis=1)
-    advantages, metrics = rollout_advantages(
+    advantages, rewards, metrics = rollout_advantages(
         objective, k, policy_sums, ref_sums, answer_reward, out.finished, last_context_logprob
     )
     metrics["rationale_length_mean"] = jnp.mean(out.lengths.astype(jnp.float32))
     metrics["rationale_length_max"] = jnp.max(out.lengths)
-    return Rollout(tokens, attention_mask, rationale_mask, answer_mask, advantages, metrics)
+    return Rollout(tokens, attention_mask, rationale_mask, answer_mask, advantages, rewards, metrics)
 
 
 def make_optimizer(spec: OptimSpec, updates: int) -> optax.GradientTransformation:
@@ -215,7 +216,9 @@ def rollout(
     k = sampling.num_samples
     answer_slots = bucket(max(map(len, answers)), ANSWER_BUCKETS)
     sampling = dataclasses.replace(sampling, cache_room=answer_slots + 2)
-    out = sample(config, params, prompts, rng, sampling)
+    started = time.perf_counter()
+    out = jax.block_until_ready(sample(config, params, prompts, rng, sampling))
+    sampled = time.perf_counter()
     prompt_tokens, prompt_mask = pad_prompts(prompts, int(out.prompt_slots), sampling.pad_token_id)
     answer_tokens, _ = pad_prompts([a[::-1] for a in answers], answer_slots, sampling.pad_token_id)
     answer_tokens = answer_tokens[:, ::-1]  # right-padded
@@ -226,7 +229,9 @@ def rollout(
         jnp.asarray(repeat(np.ascontiguousarray(answer_tokens))),
         jnp.asarray(repeat(np.array([len(a) for a in answers], np.int32))),
     )
-    return scored, out
+    jax.block_until_ready(scored.advantages)
+    timings = {"time_sample_s": sampled - started, "time_score_s": time.perf_counter() - sampled}
+    return scored._replace(metrics={**scored.metrics, **timings}), out
 
 
 # ---- the training run ------------------------------------------------------------------------
@@ -268,14 +273,23 @@ def batch_indices(num_examples: int, batch: int, step: int, seed: int) -> np.nda
 
 
 class RunLog:
-    """metrics.jsonl, TensorBoard events, and sampled rationales as text."""
+    """metrics.jsonl, TensorBoard events, Weights & Biases (if `wandb_project` is set), and
+    sampled rationales as text."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, exp: Experiment):
         from tensorboardX import SummaryWriter
 
         self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         self.samples = open(os.path.join(run_dir, "samples.txt"), "a")
         self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self.wandb = None
+        if exp.train.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ExperimentError("train.wandb_project is set but wandb is not installed: pip install wandb")
+            self.wandb = wandb.init(project=exp.train.wandb_project, name=exp.name, config=dataclasses.asdict(exp),
+                                    resume="allow", id=exp.name)
 
     def write(self, step: int, metrics: dict) -> None:
         self.metrics.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -283,6 +297,8 @@ class RunLog:
         for name, value in metrics.items():
             self.tensorboard.add_scalar(name, value, step)
         self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
 
     def write_samples(self, step: int, texts: list[str]) -> None:
         self.samples.write(f"==== update {step}\n" + "\n----\n".join(texts) + "\n")
@@ -292,6 +308,21 @@ class RunLog:
         self.metrics.close()
         self.samples.close()
         self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def rollout_samples(tokenizer, scored: Rollout, out: SampleOutput, k: int, questions: int = 2) -> list[str]:
+    """The K rationales of the first questions of a rollout, decoded, with their rewards."""
+    tokens, lengths, finished, rewards, advantages = jax.device_get(
+        (out.tokens, out.lengths, out.finished, scored.rewards, scored.advantages)
+    )
+    texts = []
+    for i in range(min(questions * k, len(tokens))):
+        text = tokenizer.decode(tokens[i, : lengths[i]], skip_special_tokens=False)
+        texts.append(f"[question {i // k}, sample {i % k}] r={rewards[i]:.3f} A={advantages[i]:+.3f} "
+                     f"finished={bool(finished[i])}\n{text}")
+    return texts
 
 
 def _checkpoint_args(state: dict, meta: dict):
@@ -370,7 +401,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
         if ref_params is not None:
             # pi_0 is the starting model: reload it rather than keep a copy in every checkpoint.
             ref_params = load_policy(exp)[1]
-    log = RunLog(run_dir)
+    log = RunLog(run_dir, exp)
     stop = {"signal": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
     key = jax.random.key(t.seed)
@@ -392,6 +423,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
         return result
 
     metrics: dict = {}
+    last_rollout_samples: list[str] = []
     bar = tqdm(total=t.updates, initial=step, desc=exp.name, unit="update", disable=not progress)
     done_here = 0
     try:
@@ -402,16 +434,15 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
             if sft:
                 slots = bucket(max(len(p) + len(c) for p, c in zip(batch_prompts, batch_targets)), sampling.prompt_buckets)
                 rows = sft_rows(batch_prompts, batch_targets, fmt.pad_token_id, slots)
-                rows_loss, timings, rollout_metrics = sft_rows_loss, {}, {}
+                rows_loss, rollout_metrics = sft_rows_loss, {}
             else:
                 scored, out = rollout(config, exp.objective, sampling, params, ref_params, batch_prompts,
                                       batch_targets, jax.random.fold_in(key, step))
-                jax.block_until_ready(scored.advantages)
-                timings = {"time_rollout_s": time.perf_counter() - started}
                 rows = dict(tokens=scored.tokens, attention_mask=scored.attention_mask,
                             rationale_mask=scored.rationale_mask, answer_mask=scored.answer_mask,
                             advantages=scored.advantages)
                 rows_loss, rollout_metrics = latro_rows_loss, scored.metrics
+                last_rollout_samples = rollout_samples(tokenizer, scored, out, sampling.num_samples)
             update_started = time.perf_counter()
             params, opt_state, update_metrics = update(
                 config, exp.objective, optimizer, t.micro_batch, rows_loss, params, opt_state, rows
@@ -420,7 +451,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
             now = time.perf_counter()
             real_tokens = int(np.asarray(rows["attention_mask"]).sum())
             metrics = {k: float(v) for k, v in {**rollout_metrics, **update_metrics}.items()}
-            metrics.update(timings, time_update_s=now - update_started, tokens_per_s=real_tokens / (now - started),
+            metrics.update(time_update_s=now - update_started, tokens_per_s=real_tokens / (now - started),
                            lr=learning_rate(exp.optim, t.updates, step))
             if metrics["skipped"]:
                 tqdm.write(f"update {step}: non-finite loss or gradient; update skipped (params unchanged)")
@@ -434,7 +465,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                 result = run_eval(step)
                 eval_metrics = {k: v for k, v in result.items() if k.endswith("accuracy")}
                 log.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-                log.write_samples(step, [r["greedy_text"] for r in result["rows"][:4]])
+                log.write_samples(step, last_rollout_samples or [r["greedy_text"] for r in result["rows"][:4]])
                 metrics.update(eval_metrics)
             if step % t.save_every == 0 or eval_metrics is not None or step == t.updates:
                 save(step, eval_metrics)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -19,6 +21,7 @@ from latro_jax.experiment import ExperimentError, load_experiment
 from latro_jax.train import run
 from shared_tokenizers import built
 
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 EXPERIMENTS = sorted(
     f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "experiments"))
     if f.endswith(".py") and not f.startswith("_")
@@ -116,3 +119,36 @@ def test_missing_weights_say_how_to_convert(tmp_path):
 def test_bad_overrides_name_the_field(override, message):
     with pytest.raises(ExperimentError, match=message):
         load_experiment("gsm8k_llama", [override])
+
+
+def test_train_and_eval_command_lines(stand_ins, test_data, tmp_path):
+    """`tools/train.py` (what `make train` runs) shows a progress bar and writes its logs;
+    `tools/eval.py` (what `make eval` runs) evaluates the run's best checkpoint into results.json."""
+    checkpoint, tokenizer = stand_ins("llama")
+    tokenizer.save_pretrained(os.path.join(checkpoint, "hf"))  # the CLI loads the checkpoint's tokenizer
+    exp = tiny("gsm8k_llama", checkpoint, tmp_path, test_data)
+    overrides = [f"{section}.{field}={value}" for section, field, value in [
+        ("model", "checkpoint", checkpoint), ("model", "hf", ""), ("model", "dtype", "float32"),
+        ("data", "source", exp.data.source), ("data", "eval_size", 2), ("rollout", "num_samples", 2),
+        ("rollout", "max_new_tokens", 8), ("train", "questions_per_update", 2), ("train", "micro_batch", 2),
+        ("train", "updates", 1), ("train", "maj_k", 2), ("train", "output_dir", tmp_path),
+    ]]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    trained = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train.py"), "gsm8k_llama", *overrides],
+                             capture_output=True, text=True, env=env)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "gsm8k_llama: 100%" in trained.stderr and "1/1" in trained.stderr  # the tqdm bar
+    run_dir = os.path.join(tmp_path, "gsm8k_llama")
+    assert os.path.isfile(os.path.join(run_dir, "metrics.jsonl"))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(run_dir, "tensorboard")))
+
+    results = tmp_path / "results.json"
+    evaluated = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "eval.py"), os.path.join(run_dir, "best", "1"), "--task", "gsm8k",
+         "--split", "test", "--source", exp.data.source, "--limit", "2", "--maj-k", "2", "--max-new-tokens", "8",
+         "--dtype", "float32", "--out", str(results)],
+        capture_output=True, text=True, env=env,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    result = json.loads(results.read_text())
+    assert result["examples"] == 2 and set(result) >= {"greedy_accuracy", "maj@2_accuracy", "tie_rule"}

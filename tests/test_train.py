@@ -56,7 +56,7 @@ def test_cached_answer_reward_equals_full_rescoring(scored, reference_compat):
     last_context_logprob = np.asarray(logprobs)[np.arange(len(last_context)), last_context]
     policy = masked_sum(logprobs, result.rationale_mask)
     ref_sums = masked_sum(token_logprobs(CONFIG, ref, result.tokens, result.attention_mask), result.rationale_mask)
-    expected, _ = rollout_advantages(objective, SAMPLING.num_samples, policy, ref_sums, answer_sums, out.finished,
+    expected, _, _ = rollout_advantages(objective, SAMPLING.num_samples, policy, ref_sums, answer_sums, out.finished,
                                      jnp.asarray(last_context_logprob))
     np.testing.assert_allclose(np.asarray(result.advantages), np.asarray(expected), atol=1e-4)
     # The sampler's own log-probs are the policy's (on-policy).

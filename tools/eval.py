@@ -16,28 +16,29 @@ import tempfile
 import _cli
 
 
-def load(model: str, run_config: str | None, dtype: str):
+def load(model: str, dtype: str):
     """(ModelConfig, params, tokenizer directory) for any of the accepted MODEL forms."""
+    import jax
     import orbax.checkpoint as ocp
 
     from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, load_model
     from latro_jax.convert.hf import convert_hf
-    from latro_jax.experiment import Experiment, load_experiment  # noqa: F401
-    from latro_jax.train import load_policy
+    from latro_jax.experiment import experiment_from_dict
+    from latro_jax.train import load_policy, make_optimizer
 
     if os.path.isfile(os.path.join(model, CONFIG_FILE)):
         config, params = load_model(model, dtype=dtype)
         return config, params, os.path.join(model, HF_DIR)
-    if os.path.isdir(os.path.join(model, "state")):  # a training checkpoint step
+    if os.path.isdir(os.path.join(model, "state")):  # a training checkpoint step: <run>/<best|checkpoints>/<step>
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(model)))
-        with open(run_config or os.path.join(run_dir, "config.json")) as f:
-            name = json.load(f)["name"]
-        exp = load_experiment(name, [f"train.output_dir={os.path.dirname(run_dir)}"])
+        with open(os.path.join(run_dir, "config.json")) as f:
+            exp = experiment_from_dict(json.load(f))
         config, params, tokenizer_dir = load_policy(exp)
-        abstract = {"params": params}
+        optimizer = make_optimizer(exp.optim, exp.train.updates)
+        abstract = jax.eval_shape(lambda: {"params": params, "opt_state": optimizer.init(params)})
         with ocp.CheckpointManager(os.path.dirname(os.path.abspath(model)), item_names=("state",)) as manager:
-            restored = manager.restore(int(os.path.basename(model)), args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract, strict=False)))
+            restored = manager.restore(int(os.path.basename(model)),
+                                       args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         return config.replace(dtype=dtype), restored.state["params"], tokenizer_dir
     converted = os.path.join(tempfile.mkdtemp(prefix="latro-eval-"), "model")
     convert_hf(model, converted)
@@ -66,7 +67,7 @@ def main() -> None:
     from latro_jax.data.tasks import load_task
     from latro_jax.evaluate import evaluate
 
-    config, params, tokenizer_dir = load(args.model, None, args.dtype)
+    config, params, tokenizer_dir = load(args.model, args.dtype)
     tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir)
     examples = load_task(args.task, args.split, args.source)[: args.limit or None]
     result = evaluate(config, params, tokenizer, prompt_format(tokenizer), examples, args.task, args.max_new_tokens,
