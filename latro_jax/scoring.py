@@ -70,6 +70,7 @@ def token_logprobs(
     attention_mask: jax.Array,
     positions: jax.Array | None = None,
     chunk_size: int = 128,
+    score_from: int = 1,
 ) -> jax.Array:
     """Per-token log-probabilities of `tokens` under the model: [batch, seq] float32.
 
@@ -78,14 +79,19 @@ def token_logprobs(
     Entry t is log p(tokens[:, t] | tokens[:, :t]). It is 0 where nothing real precedes the token
     (column 0, the first real token of a left-padded row) and on padding, so sums over a mask
     such as `rationale_mask` count real predictions only. Differentiable w.r.t. params.
-    `chunk_size` (static) is the number of positions whose logits exist at once.
+    `chunk_size` (static) is the number of positions whose logits exist at once. `score_from`
+    (static) skips the LM head for targets before that slot (their entries are 0): LaTRO needs
+    no log-probs of the prompt, often half the sequence.
     """
     attention_mask = attention_mask.astype(bool)
     if positions is None:
         positions = positions_from_mask(attention_mask)
     hidden, _ = hidden_states(config, params, tokens, positions, attention_mask)
-    logprobs = _next_token_logprobs(config, params, hidden, tokens, attention_mask, chunk_size)
-    return jnp.pad(logprobs, ((0, 0), (1, 0)))
+    start = score_from - 1  # the hidden state at slot t predicts the token at t + 1
+    logprobs = _next_token_logprobs(
+        config, params, hidden[:, start:], tokens[:, start:], attention_mask[:, start:], chunk_size
+    )
+    return jnp.pad(logprobs, ((0, 0), (score_from, 0)))
 
 
 def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:

@@ -13,6 +13,7 @@ The released code runs generate, three scoring forwards, then two forwards and a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -118,7 +119,7 @@ def score_rollout(
     answer_reward = masked_sum(cont_logprobs[:, 1:], cont_mask[:, 2:])
 
     context = p + out.tokens.shape[1]
-    ref_logprobs = token_logprobs(config, ref_params, tokens[:, :context], attention_mask[:, :context])
+    ref_logprobs = token_logprobs(config, ref_params, tokens[:, :context], attention_mask[:, :context], score_from=p)
     ref_sums = masked_sum(ref_logprobs, rationale_mask[:, :context])
     policy_sums = jnp.sum(out.logprobs, axis=1)
     advantages, rewards, metrics = rollout_advantages(
@@ -148,29 +149,31 @@ def learning_rate(spec: OptimSpec, updates: int, step: int) -> float:
     return spec.learning_rate * max(0.0, 1 - (step - spec.warmup_steps) / (updates - spec.warmup_steps))
 
 
-def latro_rows_loss(config, objective, num_rows, params, rows):
-    """The surrogate loss of some rows of a Rollout (a micro-batch)."""
-    logprobs = token_logprobs(config, params, rows["tokens"], rows["attention_mask"])
+def latro_rows_loss(config, objective, num_rows, score_from, params, rows):
+    """The surrogate loss of some rows of a Rollout (a micro-batch); the prompt fills the slots
+    before `score_from`."""
+    logprobs = token_logprobs(config, params, rows["tokens"], rows["attention_mask"], score_from=score_from)
     return surrogate_loss(
         objective, rows["advantages"], logprobs, rows["rationale_mask"], logprobs, rows["answer_mask"], num_rows
     )
 
 
-def sft_rows_loss(config, objective, num_rows, params, rows):
+def sft_rows_loss(config, objective, num_rows, score_from, params, rows):
     """Cross-entropy on the completion (gold rationale + answer) only, summed per row, / num_rows."""
-    logprobs = token_logprobs(config, params, rows["tokens"], rows["attention_mask"])
+    logprobs = token_logprobs(config, params, rows["tokens"], rows["attention_mask"], score_from=score_from)
     nll = -jnp.sum(masked_sum(logprobs, rows["completion_mask"])) / num_rows
     tokens = jnp.sum(rows["completion_mask"])
     return nll, {"sft_loss": jax.lax.stop_gradient(nll), "completion_tokens": tokens}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(5, 6))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(6, 7))
 def update(
     config: ModelConfig,
     objective: ObjectiveConfig,
     optimizer: optax.GradientTransformation,
     micro_batch: int,
     rows_loss,
+    score_from: int,
     params: nnx.State,
     opt_state,
     rows: dict,
@@ -179,11 +182,12 @@ def update(
     (a `lax.scan`), then one optimizer step. A non-finite loss or gradient skips the step:
     params and optimizer state come back unchanged and metrics["skipped"] is 1.
 
-    rows: dict of [N, ...] arrays; rows_loss(config, objective, N, params, micro_rows) -> (loss, terms).
+    rows: dict of [N, ...] arrays; rows_loss(config, objective, N, score_from, params, micro_rows)
+    -> (loss, terms); `score_from`: the first slot whose token is scored (after the prompt).
     """
     n = jax.tree.leaves(rows)[0].shape[0]
     micro = jax.tree.map(lambda x: x.reshape(n // micro_batch, micro_batch, *x.shape[1:]), rows)
-    grad_fn = jax.value_and_grad(functools.partial(rows_loss, config, objective, n), has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(rows_loss, config, objective, n, score_from), has_aux=True)
 
     def accumulate(carry, micro_rows):
         grads, loss = carry
@@ -239,6 +243,26 @@ def rollout(
 
 class Interrupted(Exception):
     """Raised after SIGTERM/Ctrl-C once the current update is finished and saved."""
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """SIGTERM and a first Ctrl-C ask the loop to stop after the current update (whose params
+    were donated, so it must finish to be saved); a second Ctrl-C aborts at once, unsaved.
+    Yields a dict whose "signal" is set when a stop was asked for."""
+    stop = {"signal": None}
+
+    def request(signum, _frame):
+        stop["signal"] = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        tqdm.write("stopping after this update and saving; Ctrl-C again aborts without saving")
+
+    previous = {s: signal.signal(s, request) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def load_policy(exp: Experiment) -> tuple[ModelConfig, nnx.State, str]:
@@ -402,8 +426,6 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
             # pi_0 is the starting model: reload it rather than keep a copy in every checkpoint.
             ref_params = load_policy(exp)[1]
     log = RunLog(run_dir, exp)
-    stop = {"signal": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
     key = jax.random.key(t.seed)
     eval_key = jax.random.fold_in(key, 2**31 - 1)  # a stream apart from the updates' fold_in(key, step)
 
@@ -423,64 +445,65 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
         return result
 
     metrics: dict = {}
-    last_rollout_samples: list[str] = []
+    last_rollout = None
     bar = tqdm(total=t.updates, initial=step, desc=exp.name, unit="update", disable=not progress)
     done_here = 0
-    try:
-        while step < t.updates:
-            indices = batch_indices(len(train_set), t.questions_per_update, step, t.seed)
-            batch_prompts, batch_targets = (list(x) for x in zip(*(encoded(int(i)) for i in indices)))
-            started = time.perf_counter()
-            if sft:
-                slots = bucket(max(len(p) + len(c) for p, c in zip(batch_prompts, batch_targets)), sampling.prompt_buckets)
-                rows = sft_rows(batch_prompts, batch_targets, fmt.pad_token_id, slots)
-                rows_loss, rollout_metrics = sft_rows_loss, {}
-            else:
-                scored, out = rollout(config, exp.objective, sampling, params, ref_params, batch_prompts,
-                                      batch_targets, jax.random.fold_in(key, step))
-                rows = dict(tokens=scored.tokens, attention_mask=scored.attention_mask,
-                            rationale_mask=scored.rationale_mask, answer_mask=scored.answer_mask,
-                            advantages=scored.advantages)
-                rows_loss, rollout_metrics = latro_rows_loss, scored.metrics
-                last_rollout_samples = rollout_samples(tokenizer, scored, out, sampling.num_samples)
-            update_started = time.perf_counter()
-            params, opt_state, update_metrics = update(
-                config, exp.objective, optimizer, t.micro_batch, rows_loss, params, opt_state, rows
-            )
-            jax.block_until_ready(update_metrics["loss"])
-            now = time.perf_counter()
-            real_tokens = int(np.asarray(rows["attention_mask"]).sum())
-            metrics = {k: float(v) for k, v in {**rollout_metrics, **update_metrics}.items()}
-            metrics.update(time_update_s=now - update_started, tokens_per_s=real_tokens / (now - started),
-                           lr=learning_rate(exp.optim, t.updates, step))
-            if metrics["skipped"]:
-                tqdm.write(f"update {step}: non-finite loss or gradient; update skipped (params unchanged)")
-            step += 1
-            done_here += 1
-            log.write(step, metrics)
-            bar.update()
-            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "reward_mean", "kl_mean") if k in metrics})
-            eval_metrics = None
-            if step % t.eval_every == 0 or step == t.updates:
-                result = run_eval(step)
-                eval_metrics = {k: v for k, v in result.items() if k.endswith("accuracy")}
-                log.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-                log.write_samples(step, last_rollout_samples or [r["greedy_text"] for r in result["rows"][:4]])
-                metrics.update(eval_metrics)
-            if step % t.save_every == 0 or eval_metrics is not None or step == t.updates:
-                save(step, eval_metrics)
-            if stop["signal"] or (stop_after is not None and done_here >= stop_after):
-                raise Interrupted(f"stopped after update {step}; rerun the same command to resume")
-    except (KeyboardInterrupt, Interrupted) as e:
-        save(step)
-        if not isinstance(e, Interrupted) or stop["signal"]:
-            raise
-    finally:
-        latest.wait_until_finished()
-        best.wait_until_finished()
-        latest.close()
-        best.close()
-        bar.close()
-        log.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+    with stop_requests() as stop:
+        try:
+            while step < t.updates:
+                indices = batch_indices(len(train_set), t.questions_per_update, step, t.seed)
+                batch_prompts, batch_targets = (list(x) for x in zip(*(encoded(int(i)) for i in indices)))
+                started = time.perf_counter()
+                if sft:
+                    slots = bucket(max(len(p) + len(c) for p, c in zip(batch_prompts, batch_targets)), sampling.prompt_buckets)
+                    rows = sft_rows(batch_prompts, batch_targets, fmt.pad_token_id, slots)
+                    rows_loss, rollout_metrics, score_from = sft_rows_loss, {}, 1
+                else:
+                    scored, out = rollout(config, exp.objective, sampling, params, ref_params, batch_prompts,
+                                          batch_targets, jax.random.fold_in(key, step))
+                    rows = dict(tokens=scored.tokens, attention_mask=scored.attention_mask,
+                                rationale_mask=scored.rationale_mask, answer_mask=scored.answer_mask,
+                                advantages=scored.advantages)
+                    rows_loss, rollout_metrics, score_from = latro_rows_loss, scored.metrics, int(out.prompt_slots)
+                    last_rollout = (scored, out)
+                update_started = time.perf_counter()
+                params, opt_state, update_metrics = update(
+                    config, exp.objective, optimizer, t.micro_batch, rows_loss, score_from, params, opt_state, rows
+                )
+                jax.block_until_ready(update_metrics["loss"])
+                now = time.perf_counter()
+                real_tokens = int(np.asarray(rows["attention_mask"]).sum())
+                metrics = {k: float(v) for k, v in {**rollout_metrics, **update_metrics}.items()}
+                metrics.update(time_update_s=now - update_started, tokens_per_s=real_tokens / (now - started),
+                               lr=learning_rate(exp.optim, t.updates, step))
+                if metrics["skipped"]:
+                    tqdm.write(f"update {step}: non-finite loss or gradient; update skipped (params unchanged)")
+                step += 1
+                done_here += 1
+                log.write(step, metrics)
+                bar.update()
+                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "reward_mean", "kl_mean") if k in metrics})
+                eval_metrics = None
+                if step % t.eval_every == 0 or step == t.updates:
+                    result = run_eval(step)
+                    eval_metrics = {k: v for k, v in result.items() if k.endswith("accuracy")}
+                    log.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                    log.write_samples(step, rollout_samples(tokenizer, *last_rollout, sampling.num_samples)
+                                      if last_rollout else [r["greedy_text"] for r in result["rows"][:4]])
+                    metrics.update(eval_metrics)
+                if step % t.save_every == 0 or eval_metrics is not None or step == t.updates:
+                    save(step, eval_metrics)
+                if stop["signal"] is not None or (stop_after is not None and done_here >= stop_after):
+                    raise Interrupted(f"stopped after update {step}; rerun the same command to resume")
+        except Interrupted:
+            save(step)
+            if stop["signal"] is not None:
+                raise
+        finally:
+            latest.wait_until_finished()
+            best.wait_until_finished()
+            latest.close()
+            best.close()
+            bar.close()
+            log.close()
     return {"step": step, "params": params, **metrics}

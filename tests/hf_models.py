@@ -53,6 +53,16 @@ FAMILIES = {
 }
 
 
+def within_original_context(family: str) -> dict:
+    """Overrides keeping a test's contexts inside Phi-3 LongRoPE's original length (32 here).
+    Past it, the long factors apply to the whole sequence (as in transformers, whose generate
+    then re-prefills), so a KV cache built before the switch differs by design."""
+    if family != "phi3":
+        return {}
+    rope = dict(FAMILIES["phi3"]["rope_parameters"], original_max_position_embeddings=32)
+    return dict(rope_parameters=rope, original_max_position_embeddings=32)
+
+
 def make_hf_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
     """A tiny random `*ForCausalLM` in eval mode. Weights are perturbed away from their
     initialisation (norm scales of exactly 1, biases of exactly 0 would hide layout bugs)."""

@@ -121,21 +121,27 @@ def test_bad_overrides_name_the_field(override, message):
         load_experiment("gsm8k_llama", [override])
 
 
+def cli_overrides(checkpoint, source, output_dir, updates):
+    return [f"{section}.{field}={value}" for section, field, value in [
+        ("model", "checkpoint", checkpoint), ("model", "hf", ""), ("model", "dtype", "float32"),
+        ("data", "source", source), ("data", "eval_size", 2), ("rollout", "num_samples", 2),
+        ("rollout", "max_new_tokens", 8), ("train", "questions_per_update", 2), ("train", "micro_batch", 2),
+        ("train", "updates", updates), ("train", "maj_k", 2), ("train", "output_dir", output_dir),
+    ]]
+
+
 def test_train_and_eval_command_lines(stand_ins, test_data, tmp_path):
     """`tools/train.py` (what `make train` runs) shows a progress bar and writes its logs;
     `tools/eval.py` (what `make eval` runs) evaluates the run's best checkpoint into results.json."""
     checkpoint, tokenizer = stand_ins("llama")
     tokenizer.save_pretrained(os.path.join(checkpoint, "hf"))  # the CLI loads the checkpoint's tokenizer
     exp = tiny("gsm8k_llama", checkpoint, tmp_path, test_data)
-    overrides = [f"{section}.{field}={value}" for section, field, value in [
-        ("model", "checkpoint", checkpoint), ("model", "hf", ""), ("model", "dtype", "float32"),
-        ("data", "source", exp.data.source), ("data", "eval_size", 2), ("rollout", "num_samples", 2),
-        ("rollout", "max_new_tokens", 8), ("train", "questions_per_update", 2), ("train", "micro_batch", 2),
-        ("train", "updates", 1), ("train", "maj_k", 2), ("train", "output_dir", tmp_path),
-    ]]
     env = {**os.environ, "PYTHONPATH": REPO}
-    trained = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train.py"), "gsm8k_llama", *overrides],
-                             capture_output=True, text=True, env=env)
+    trained = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "train.py"), "gsm8k_llama",
+         *cli_overrides(checkpoint, exp.data.source, tmp_path, updates=1)],
+        capture_output=True, text=True, env=env,
+    )
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert "gsm8k_llama: 100%" in trained.stderr and "1/1" in trained.stderr  # the tqdm bar
     run_dir = os.path.join(tmp_path, "gsm8k_llama")
@@ -152,3 +158,28 @@ def test_train_and_eval_command_lines(stand_ins, test_data, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     result = json.loads(results.read_text())
     assert result["examples"] == 2 and set(result) >= {"greedy_accuracy", "maj@2_accuracy", "tie_rule"}
+
+
+def test_ctrl_c_saves_after_the_current_update(stand_ins, test_data, tmp_path):
+    """A first Ctrl-C (SIGINT; SIGTERM takes the same path) lets the running update finish, saves
+    it, and exits 130; rerunning resumes from it."""
+    import signal
+    import time
+
+    checkpoint, tokenizer = stand_ins("llama")
+    tokenizer.save_pretrained(os.path.join(checkpoint, "hf"))
+    exp = tiny("gsm8k_llama", checkpoint, tmp_path, test_data)
+    command = [sys.executable, os.path.join(REPO, "tools", "train.py"), "gsm8k_llama",
+               *cli_overrides(checkpoint, exp.data.source, tmp_path, updates=1000), "train.save_every=1000"]
+    metrics = os.path.join(tmp_path, "gsm8k_llama", "metrics.jsonl")
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO})
+    deadline = time.time() + 300
+    while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-2000:]
+    logged = [json.loads(line)["step"] for line in open(metrics)]
+    saved = sorted(int(d) for d in os.listdir(os.path.join(tmp_path, "gsm8k_llama", "checkpoints")) if d.isdigit())
+    assert saved == [logged[-1]] and 1 <= saved[0] < 1000
+    assert "rerun the same command to resume" in stderr

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_models import FAMILIES, convert, hf_logits, make_hf_model, mixed_batch
+from hf_models import FAMILIES, convert, hf_logits, make_hf_model, mixed_batch, within_original_context
 from latro_jax.config import ConfigError, ModelConfig
 from latro_jax.model import forward, init_cache, init_params, positions_from_mask
 
@@ -56,14 +56,7 @@ def test_left_padding_does_not_change_logits():
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_kv_cache_decoding_matches_full_forward(family, tmp_path):
-    # Phi-3 LongRoPE switches factors for the whole sequence once it passes its original
-    # context (as transformers does), so a cache built before the switch differs by design:
-    # test it on a context that stays within the original length.
-    overrides = {}
-    if family == "phi3":
-        rope = dict(FAMILIES["phi3"]["rope_parameters"], original_max_position_embeddings=32)
-        overrides = dict(rope_parameters=rope, original_max_position_embeddings=32)
-    config, params = convert(make_hf_model(family, **overrides), tmp_path)
+    config, params = convert(make_hf_model(family, **within_original_context(family)), tmp_path)
     ids, mask, positions = mixed_batch(length=14)
     ids, mask, positions = (jnp.asarray(t.numpy()) for t in (ids, mask, positions))
     mask = mask.astype(bool)

@@ -19,7 +19,7 @@ import torch
 from scipy import stats
 
 from conftest import require
-from hf_models import FAMILIES, convert, make_hf_model
+from hf_models import FAMILIES, convert, make_hf_model, within_original_context
 from latro_jax.convert.llama2c import load_llama2c
 from latro_jax.config import ModelConfig
 from latro_jax.model import init_params
@@ -45,12 +45,7 @@ def hf_generate_greedy(model, prompts, new_tokens):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_greedy_matches_transformers_generate(family, tmp_path):
-    # Phi-3: transformers re-prefills when a context passes LongRoPE's original length; stay within it.
-    overrides = {}
-    if family == "phi3":
-        rope = dict(FAMILIES["phi3"]["rope_parameters"], original_max_position_embeddings=32)
-        overrides = dict(rope_parameters=rope, original_max_position_embeddings=32)
-    model, config, params = converted(family, tmp_path, **overrides)
+    model, config, params = converted(family, tmp_path, **within_original_context(family))
     expected = hf_generate_greedy(model, PROMPTS, 12)
     out = sample(config, params, PROMPTS, jax.random.key(0), SamplingConfig(max_new_tokens=12, temperature=0.0))
     np.testing.assert_array_equal(np.asarray(out.tokens), expected)

@@ -61,6 +61,19 @@ def test_token_logprobs_match_transformers(family, converted):
     assert not got[:, 0].any() and not got[:, 1:][~scored].any()
 
 
+def test_score_from_skips_only_the_prompt(converted):
+    """score_from=k gives the full result's entries from slot k on, and 0 before."""
+    _, config, params = converted("llama")
+    tokens, attention_mask = (jnp.asarray(t.numpy()) for t in mixed_batch()[:2])
+    attention_mask = attention_mask.astype(bool)
+    full = np.asarray(token_logprobs_jit(config, params, tokens, attention_mask, chunk_size=5))
+    for k in (1, 5, 9):
+        part = np.asarray(jax.jit(token_logprobs, static_argnames=("config", "chunk_size", "score_from"))(
+            config, params, tokens, attention_mask, chunk_size=5, score_from=k))
+        np.testing.assert_allclose(part[:, k:], full[:, k:], atol=1e-6)
+        assert (part[:, :k] == 0).all()
+
+
 def test_masked_sum():
     values = jnp.array([[0.5, -1.0, 2.0, 4.0], [-3.0, 1.5, 0.25, 8.0]])
     rationale_mask = jnp.array([[True, False, True, False], [False, True, True, True]])

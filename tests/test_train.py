@@ -64,13 +64,13 @@ def test_cached_answer_reward_equals_full_rescoring(scored, reference_compat):
 
 
 def test_micro_batches_give_the_whole_batch_gradient(scored):
-    params, _, result, _ = scored
+    params, _, result, out = scored
     optimizer = make_optimizer(OptimSpec(learning_rate=1e-3), 10)
     results = []
     for micro_batch in (2, 8):
         p = jax.tree.map(jnp.copy, params)
-        new, _, metrics = update(CONFIG, OBJECTIVE, optimizer, micro_batch, latro_rows_loss, p, optimizer.init(p),
-                                 rows_of(result))
+        new, _, metrics = update(CONFIG, OBJECTIVE, optimizer, micro_batch, latro_rows_loss, int(out.prompt_slots), p,
+                                 optimizer.init(p), rows_of(result))
         results.append((new, metrics))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[0][0], results[1][0])
     np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-5)
@@ -80,13 +80,13 @@ def test_micro_batches_give_the_whole_batch_gradient(scored):
 
 
 def test_non_finite_update_is_skipped(scored):
-    params, _, result, _ = scored
+    params, _, result, out = scored
     optimizer = make_optimizer(OptimSpec(learning_rate=1e-3), 10)
     rows = rows_of(result)
     rows["advantages"] = rows["advantages"].at[3].set(jnp.nan)
     p = jax.tree.map(jnp.copy, params)
     state = optimizer.init(p)
-    new, new_state, metrics = update(CONFIG, OBJECTIVE, optimizer, 4, latro_rows_loss, p, state, rows)
+    new, new_state, metrics = update(CONFIG, OBJECTIVE, optimizer, 4, latro_rows_loss, int(out.prompt_slots), p, state, rows)
     assert int(metrics["skipped"]) == 1
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new, params)
 
@@ -112,5 +112,6 @@ def test_model_passes_per_update(monkeypatch):
     n = len(PROMPTS) * SAMPLING.num_samples
     assert [shape[0] for shape in calls] == [len(PROMPTS), n, n, n]  # prefill once per question
     assert calls[1][1] == 1  # the decode step feeds one token
-    update(config, OBJECTIVE, optimizer, n, latro_rows_loss, params, optimizer.init(params), rows_of(result))
+    update(config, OBJECTIVE, optimizer, n, latro_rows_loss, int(out.prompt_slots), params, optimizer.init(params),
+           rows_of(result))
     assert len(calls) == 5 and calls[4][0] == n

@@ -3,8 +3,8 @@
     python tools/train.py gsm8k_llama
     python tools/train.py gsm8k_llama train.updates=2 rollout.num_samples=4 model.checkpoint=ckpt/llama
 
-Rerunning the same command resumes from the run's latest checkpoint. SIGTERM or Ctrl-C saves
-before exiting.
+Rerunning the same command resumes from the run's latest checkpoint. SIGTERM or Ctrl-C stops
+after the current update and saves; a second Ctrl-C aborts without saving.
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ def main() -> None:
     exp = load_experiment(sys.argv[1], sys.argv[2:])
     try:
         result = run(exp)
-    except (Interrupted, KeyboardInterrupt) as e:
-        print(f"\n{exp.name}: interrupted; saved. {e}", file=sys.stderr)
+    except Interrupted as e:
+        print(f"\n{exp.name}: {e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print(f"\n{exp.name}: aborted without saving; {exp.run_dir}/checkpoints holds the latest save", file=sys.stderr)
         sys.exit(130)
     summary = {k: round(v, 4) for k, v in result.items() if k.endswith("accuracy")}
     print(f"{exp.name}: {result['step']} updates in {exp.run_dir} {summary}")
