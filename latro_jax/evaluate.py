@@ -31,7 +31,7 @@ def gold(task: str, example: Example) -> str | None:
     return canonical_number(example.answer) if task == "gsm8k" else example.answer
 
 
-def generate_texts(config, params, tokenizer, fmt, prompts, sampling, rng, batch_size) -> list[list[str]]:
+def generate_texts(config, params, tokenizer, prompts, sampling, rng, batch_size) -> list[list[str]]:
     """Decoded generations: one list of `sampling.num_samples` texts per prompt."""
     texts = []
     per_batch = max(1, batch_size // sampling.num_samples)
@@ -65,9 +65,9 @@ def evaluate(
     greedy = SamplingConfig(temperature=0.0, **common)
     voted = SamplingConfig(temperature=1.0, num_samples=maj_k, **common)
     bar = tqdm(total=2, desc="eval", leave=False, disable=not progress)
-    greedy_texts = generate_texts(config, params, tokenizer, fmt, prompts, greedy, rng, batch_size)
+    greedy_texts = generate_texts(config, params, tokenizer, prompts, greedy, rng, batch_size)
     bar.update()
-    voted_texts = generate_texts(config, params, tokenizer, fmt, prompts, voted, jax.random.fold_in(rng, 1), batch_size)
+    voted_texts = generate_texts(config, params, tokenizer, prompts, voted, jax.random.fold_in(rng, 1), batch_size)
     bar.close()
     rows, greedy_correct, voted_correct = [], 0, 0
     for example, (text,), samples in zip(examples, greedy_texts, voted_texts):

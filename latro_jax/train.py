@@ -421,10 +421,8 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
             latest.latest_step(),
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
         )
+        # ref_params was copied from the starting weights above: pi_0 needs no copy in checkpoints.
         params, opt_state, step = restored.state["params"], restored.state["opt_state"], restored.meta["step"]
-        if ref_params is not None:
-            # pi_0 is the starting model: reload it rather than keep a copy in every checkpoint.
-            ref_params = load_policy(exp)[1]
     log = RunLog(run_dir, exp)
     key = jax.random.key(t.seed)
     eval_key = jax.random.fold_in(key, 2**31 - 1)  # a stream apart from the updates' fold_in(key, step)
