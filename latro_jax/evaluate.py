@@ -16,19 +16,19 @@ from tqdm.auto import tqdm
 from latro_jax.config import ModelConfig
 from latro_jax.data.extraction import arc_choice, canonical_number, extract_gsm8k, majority_vote
 from latro_jax.data.prompts import PromptFormat, encode_prompts
-from latro_jax.data.tasks import Example
+from latro_jax.data.tasks import NUMERIC_TASKS, Example
 from latro_jax.sampling import SamplingConfig, sample
 
 
 def extract(task: str, text: str, example: Example) -> str | None:
     """The answer a generated text gives, in the form compared with the gold answer."""
-    if task == "gsm8k":
+    if task in NUMERIC_TASKS:
         return extract_gsm8k(text)
     return arc_choice(text, example.options)
 
 
 def gold(task: str, example: Example) -> str | None:
-    return canonical_number(example.answer) if task == "gsm8k" else example.answer
+    return canonical_number(example.answer) if task in NUMERIC_TASKS else example.answer
 
 
 def generate_texts(config, params, tokenizer, prompts, sampling, rng, batch_size) -> list[list[str]]:

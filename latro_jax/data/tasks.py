@@ -28,7 +28,12 @@ from latro_jax.data.extraction import canonical_number
 GSM8K_HUB = ("openai/gsm8k", "main")
 ARC_HUB = ("allenai/ai2_arc", "ARC-Challenge")
 ARC_TFDS = "ai2_arc/ARC-Challenge"
-SPLITS = {"gsm8k": ("train", "validation", "test", "train_full"), "arc_challenge": ("train", "validation", "test")}
+SPLITS = {
+    "gsm8k": ("train", "validation", "test", "train_full"),
+    "arc_challenge": ("train", "validation", "test"),
+    "arithmetic": ("train", "validation", "test"),  # synthetic (latro_jax.data.synthetic), for the demo
+}
+NUMERIC_TASKS = ("gsm8k", "arithmetic")  # answers are numbers, compared by value
 
 GSM8K_VALIDATION_SIZE = 500  # held out of the upstream train split (or a tenth of a smaller file)
 GSM8K_VALIDATION_SEED = 0
@@ -66,7 +71,8 @@ class Example:
 
 
 def load_task(name: str, split: str, source: str | os.PathLike | None = None) -> list[Example]:
-    """The examples of one split of `name` ("gsm8k" or "arc_challenge"), in upstream order.
+    """The examples of one split of `name` ("gsm8k", "arc_challenge" or the synthetic
+    "arithmetic"), in upstream order.
 
     source: None for the HF hub (`datasets.load_dataset`); "tfds" for TensorFlow Datasets (ARC
     only); or a local path: a directory holding {split}.jsonl in the HF layout (ARC may also be
@@ -79,6 +85,12 @@ def load_task(name: str, split: str, source: str | os.PathLike | None = None) ->
         raise ValueError(f"{name} has no split {split!r}; its splits are {SPLITS[name]}")
     if name == "gsm8k":
         return _load_gsm8k(split, source)
+    if name == "arithmetic":
+        from latro_jax.data.synthetic import load_synthetic
+
+        if source:
+            raise ValueError("the arithmetic task is generated; it has no data source")
+        return load_synthetic(split)
     return [arc_example(row, where) for row, where in _rows(ARC_HUB, ARC_TFDS, split, source)]
 
 

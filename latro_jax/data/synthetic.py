@@ -1,0 +1,148 @@
+"""Synthetic multi-step arithmetic word problems, and a small word-level tokenizer for them.
+
+The demo (`experiments/demo.py`) needs a base model that can reason but often slips, like the
+paper's base models, without downloading one. Its training rationales come from here:
+
+    Q: Ann has 47 apples. Ann buys 5 more. Ann gives away 8. How many apples does Ann have now?
+       Let's think step by step.
+    gold:    47 + 5 = 52. 52 - 8 = 44. The answer is 44.
+    slipped: 47 + 5 = 42. 42 - 8 = 44. The answer is 44.      (a forgotten carry; 44 is wrong)
+
+Each step adds or takes away a one-digit number from a running total in [1, 99]. About half the
+steps carry (47 + 5) or borrow (42 - 8); in the rationales a model is pre-trained on, such a
+step forgets its carry or borrow with probability `slip` (> 1/2 by default: greedy decoding then
+inherits the slip), and every later step and the stated answer follow the slipped value. The
+gold answer is always the true total. LaTRO sees only (question, gold answer) pairs.
+
+Splits are pure functions of (split, size, slip): "train" problems never share their numbers
+(start value and steps) with a "validation" or "test" problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+
+from latro_jax.data.tasks import GSM8K_PROMPT, Example
+
+NAMES = ("Ann", "Ben", "Cal", "Dan", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo")
+ITEMS = ("apples", "books", "coins", "pens", "cards", "stamps", "shells", "rocks")
+ADD = ("buys {n} more", "finds {n} more", "gets {n} more")
+TAKE = ("gives away {n}", "loses {n}", "sells {n}")
+SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
+SPLIT_SIZES = {"train": 50_000, "validation": 200, "test": 500}
+HELD_OUT_BUCKETS = 10  # 1 in 10 number patterns is reserved for validation/test
+
+SPECIAL_TOKENS = ("<unk>", "<pad>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _held_out(start: int, steps: tuple[int, ...]) -> bool:
+    """Whether a problem's numbers belong to the held-out (validation/test) patterns."""
+    digest = hashlib.sha256(repr((start, steps)).encode()).digest()
+    return digest[0] % HELD_OUT_BUCKETS == 0
+
+
+def _apply(value: int, step: int, slipped: bool) -> int:
+    """value + step (step < 0 takes away); a slip forgets the carry (+10 lost) or the borrow."""
+    result = value + step
+    if slipped:
+        result += -10 if step > 0 else 10
+    return result
+
+
+def _carries(value: int, step: int) -> bool:
+    return (value % 10 + step >= 10) if step > 0 else (value % 10 < -step)
+
+
+def make_problem(rng: np.random.Generator, slip: float) -> tuple[str, str, str, int, tuple[int, ...]]:
+    """One problem: (question, rationale ending "The answer is ...", gold answer, start, steps)."""
+    name, item = NAMES[rng.integers(len(NAMES))], ITEMS[rng.integers(len(ITEMS))]
+    start = int(rng.integers(10, 90))
+    total, steps = start, []
+    for _ in range(int(rng.integers(2, 4))):
+        n = int(rng.integers(2, 10))
+        add = total + n <= 99 and (total - n < 1 or rng.random() < 0.5)
+        steps.append(n if add else -n)
+        total += steps[-1]
+    sentences = [f"{name} has {start} {item}."]
+    for step in steps:
+        verb = (ADD if step > 0 else TAKE)[rng.integers(3)]
+        sentences.append(f"{name} {verb.format(n=abs(step))}.")
+    sentences.append(f"How many {item} does {name} have now?")
+    written, value = [], start
+    for step in steps:
+        slipped = _carries(value, step) and rng.random() < slip
+        new = _apply(value, step, slipped)
+        written.append(f"{value} {'+' if step > 0 else '-'} {abs(step)} = {new}.")
+        value = new
+    rationale = " ".join(written) + f" The answer is {value}."
+    return " ".join(sentences), rationale, str(total), start, tuple(steps)
+
+
+def load_synthetic(split: str, size: int | None = None, slip: float = 0.6) -> list[Example]:
+    """`size` problems of `split` (train / validation / test), deterministic. Training rationales
+    slip with probability `slip` on each carrying step; held-out splits carry gold rationales."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"arithmetic has no split {split!r}; its splits are {tuple(SPLIT_SEEDS)}")
+    if not 0 <= slip <= 1:
+        raise ValueError(f"slip={slip} must be a probability in [0, 1]")
+    size = SPLIT_SIZES[split] if size is None else size
+    rng = np.random.default_rng((20241107, SPLIT_SEEDS[split]))
+    held_out = split != "train"
+    examples: list[Example] = []
+    while len(examples) < size:
+        question, rationale, answer, start, steps = make_problem(rng, slip if not held_out else 0.0)
+        if _held_out(start, steps) != held_out:
+            continue
+        examples.append(Example(
+            task="arithmetic", id=f"arithmetic/{split}/{len(examples)}",
+            question=GSM8K_PROMPT.format(question=question), answer=answer, rationale=rationale,
+        ))
+    return examples
+
+
+def _corpus() -> list[str]:
+    """Every word form the tokenizer must know, in context: problems, the answer template, and
+    the stop strings the trainer tokenizes (latro_jax.data.prompts.STOP_STRINGS)."""
+    from latro_jax.data.prompts import STOP_STRINGS
+
+    texts = []
+    for name in NAMES:
+        for item in ITEMS:
+            verbs = " ".join(f"{name} {v.format(n=5)}." for v in ADD + TAKE)
+            texts.append(GSM8K_PROMPT.format(
+                question=f"{name} has 47 {item}. {verbs} How many {item} does {name} have now?"))
+    texts.append("0123456789 + - = . The answer is 44.\n")
+    texts += [f"x{s}\n{s} {s}" for s in STOP_STRINGS]
+    return texts
+
+
+def build_tokenizer(directory: str | os.PathLike):
+    """Write a word-level HF tokenizer (digits one token each) with a chat template to `directory`
+    and return it loaded. Words keep their leading space as "▁" (so decoding restores the text),
+    punctuation and line breaks are tokens of their own."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.Metaspace(prepend_scheme="never"),
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Punctuation(behavior="isolated"),
+    ])
+    tokenizer.decoder = decoders.Metaspace(prepend_scheme="never")
+    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=1)
+    tokenizer.train_from_iterator(_corpus(), trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", eos_token="<|endoftext|>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|end|>"], chat_template=CHAT_TEMPLATE,
+    )
+    wrapped.save_pretrained(os.fspath(directory))
+    return AutoTokenizer.from_pretrained(os.fspath(directory))
