@@ -1,7 +1,8 @@
-"""Sampler and scorer throughput of latro-jax beside transformers, on the same weights.
+"""Sampler, scorer and train-step throughput of latro-jax beside transformers, on the same weights.
 
     python tools/bench.py                          # cpu-small: a ~20M-parameter Llama, float32, CPU
     python tools/bench.py --config llama8b         # Llama-3.1-8B shape, random bf16 weights (a GPU)
+    python tools/bench.py --config llama8b --parts train   # the 8B train step alone (see below)
     python tools/bench.py --batch 8 --new-tokens 32 --repeats 5 --json bench.json
 
 One transformers `LlamaForCausalLM` is initialised at random, saved with `save_pretrained`,
@@ -14,6 +15,18 @@ The hardware bound is a roofline per phase: the prefill and each decode step tak
 max(FLOPs / matmul rate, bytes read / memory bandwidth). The matmul rate (a large square matmul
 in the compute dtype) and the bandwidth (a large on-device copy) are measured in the same run. On
 CPU the FLOP term dominates; on a GPU a decode step's bytes (weights + KV cache) usually do.
+
+The train step is `train.update` with `train.latro_rows_loss` (policy forward+backward over
+prompt+rationale+answer rows in micro-batches, then AdamW) beside transformers' forward,
+the same surrogate (-advantage x the rationale's summed log-probs / rows, LM head only past the
+prompt via `logits_to_keep`), `.backward()` per micro-batch and one `torch.optim.AdamW` step,
+with gradient checkpointing where the config asks for it (llama8b). Its model FLOP utilisation
+(MFU) is 3 x the forward's FLOPs (no recomputation counted) per second over the measured matmul
+rate. Each side's train step is timed alone, transformers first, and its optimizer state freed
+before the other's: an 8B model's bf16 weights, gradients and AdamW moments are 64 GB, so on one
+80 GB GPU the train step must run without the sampler's and scorer's buffers (`--parts train`:
+JAX keeps the memory it has grown, so nothing of JAX's is placed on the device before transformers
+has trained and released its own).
 """
 
 from __future__ import annotations
@@ -42,8 +55,11 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from latro_jax.checkpoint import load_model  # noqa: E402
 from latro_jax.config import ModelConfig  # noqa: E402
 from latro_jax.convert.hf import convert_hf  # noqa: E402
+from latro_jax.experiment import OptimSpec  # noqa: E402
+from latro_jax.objective import ObjectiveConfig  # noqa: E402
 from latro_jax.sampling import SamplingConfig, sample_padded  # noqa: E402
 from latro_jax.scoring import token_logprobs  # noqa: E402
+from latro_jax.train import latro_rows_loss, make_optimizer, update  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +72,11 @@ class BenchConfig:
     prompt_len: int
     new_tokens: int
     score_batch: int  # the scorer's batch: transformers materialises [batch, seq, vocab] logits
+    train_batch: int  # rows of one train step
+    train_len: int  # tokens per row: prompt_len of prompt, train_answer_len of answer, rationale between
+    train_answer_len: int
+    micro_batch: int  # rows per forward+backward on both sides; gradients add up over the batch
+    hf_gradient_checkpointing: bool  # transformers recomputes each layer in the backward pass
     repeats: int
     matmul_size: int  # side of the square matmul that measures the FLOP rate
     copy_bytes: int  # size of the copy that measures memory bandwidth
@@ -78,6 +99,11 @@ CONFIGS = {
         prompt_len=64,
         new_tokens=64,
         score_batch=16,
+        train_batch=16,
+        train_len=128,
+        train_answer_len=16,
+        micro_batch=4,
+        hf_gradient_checkpointing=False,
         repeats=3,
         matmul_size=2048,
         copy_bytes=1 << 28,
@@ -107,6 +133,13 @@ CONFIGS = {
         prompt_len=128,
         new_tokens=256,
         score_batch=16,
+        # transformers measured 8,721 tokens/s (53% of matmul peak) for this shape with gradient
+        # checkpointing on an H100.
+        train_batch=16,
+        train_len=512,
+        train_answer_len=16,
+        micro_batch=4,
+        hf_gradient_checkpointing=True,
         repeats=3,
         matmul_size=8192,
         copy_bytes=1 << 32,
@@ -173,12 +206,11 @@ class Work:
         return max(self.flops / flop_rate, self.bytes / bandwidth)
 
 
-def matmul_params(config: ModelConfig, params) -> int:
+def matmul_params(config: ModelConfig, num_params: int) -> int:
     """Parameters every token is multiplied by: all but the embedding table (a tied table counts
     once, as the LM head)."""
-    total = sum(x.size for x in jax.tree.leaves(params))
     embed = config.vocab_size * config.hidden_size
-    return total - (0 if config.tie_word_embeddings else embed)
+    return num_params - (0 if config.tie_word_embeddings else embed)
 
 
 def attention_flops(config: ModelConfig, context: float) -> float:
@@ -190,10 +222,10 @@ def kv_bytes(config: ModelConfig, tokens: float) -> float:
     return tokens * config.num_layers * 2 * config.num_kv_heads * config.head_dim * jnp.dtype(config.dtype).itemsize
 
 
-def generation_work(config: ModelConfig, params, batch: int, prompt_len: int, new_tokens: int) -> dict:
+def generation_work(config: ModelConfig, num_params: int, batch: int, prompt_len: int, new_tokens: int) -> dict:
     """The prefill (prompt tokens, logits of the last one), then new_tokens - 1 decode steps at the
     average context prompt_len + new_tokens / 2; weights are read once per forward."""
-    n = matmul_params(config, params)
+    n = matmul_params(config, num_params)
     head = config.vocab_size * config.hidden_size
     itemsize = jnp.dtype(config.dtype).itemsize
     context = prompt_len + new_tokens / 2
@@ -206,17 +238,28 @@ def generation_work(config: ModelConfig, params, batch: int, prompt_len: int, ne
     return dict(token_flops=token_flops, context=context, prefill=prefill, step=step, steps=new_tokens - 1)
 
 
-def scoring_work(config: ModelConfig, params, batch: int, length: int) -> Work:
-    n = matmul_params(config, params)
+def scoring_work(config: ModelConfig, num_params: int, batch: int, length: int) -> Work:
+    n = matmul_params(config, num_params)
     flops = batch * (length * 2 * n + attention_flops(config, (length + 1) / 2) * length)
     return Work(flops=flops, bytes=n * jnp.dtype(config.dtype).itemsize)
+
+
+def train_flops(config: ModelConfig, num_params: int, batch: int, length: int, score_from: int) -> float:
+    """Model FLOPs of a forward+backward (3 x the forward; recomputation not counted) over
+    `length` tokens per row, the LM head applied past the prompt only (targets from `score_from`)."""
+    n = matmul_params(config, num_params)
+    head = config.vocab_size * config.hidden_size
+    attention = attention_flops(config, (length + 1) / 2) * length
+    forward = length * 2 * (n - head) + (length - score_from) * 2 * head + attention
+    return 3 * batch * forward
 
 
 # ---------------------------------------------------------------- the two implementations
 
 
 def build_models(bench: BenchConfig, directory: str, device: torch.device):
-    """A random transformers Llama on `device`, and the same weights as latro-jax (config, params)."""
+    """A random transformers Llama on `device`, and the path of the same weights as a latro-jax
+    checkpoint (`load_model` it when JAX needs them: see the train step's memory, above)."""
     hf_config = LlamaConfig(
         **bench.llama, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None
     )
@@ -226,9 +269,9 @@ def build_models(bench: BenchConfig, directory: str, device: torch.device):
     model.eval()
     model.save_pretrained(os.path.join(directory, "hf"))
     checkpoint = os.path.join(directory, "latro")
-    convert_hf(os.path.join(directory, "hf"), checkpoint, param_dtype=bench.dtype)
-    config, params = load_model(checkpoint, dtype=bench.dtype)
-    return model, config, params
+    with jax.default_device(jax.devices("cpu")[0]):  # the conversion's arrays stay off the accelerator
+        convert_hf(os.path.join(directory, "hf"), checkpoint, param_dtype=bench.dtype)
+    return model, checkpoint
 
 
 def synchronize(device: torch.device) -> None:
@@ -305,6 +348,83 @@ def hf_scorer(model, sequences: np.ndarray, device) -> Callable[[], torch.Tensor
     return run
 
 
+def train_rows(bench: BenchConfig, vocab_size: int, rng: np.random.Generator) -> dict:
+    """A batch of LaTRO rows as `train.update` takes them, all tokens real: [train_batch, train_len]
+    tokens and masks (prompt_len of prompt, then rationale, then train_answer_len of answer) and
+    [train_batch] advantages."""
+    n, length = bench.train_batch, bench.train_len
+    slot = np.arange(length)[None].repeat(n, 0)
+    answer_from = length - bench.train_answer_len
+    return dict(
+        tokens=rng.integers(1, vocab_size, (n, length), dtype=np.int32),
+        attention_mask=np.ones((n, length), bool),
+        rationale_mask=(slot >= bench.prompt_len) & (slot < answer_from),
+        answer_mask=slot >= answer_from,
+        advantages=rng.standard_normal(n).astype(np.float32),
+    )
+
+
+OBJECTIVE = ObjectiveConfig(beta=0.05)  # the released recipe: sft_coef 0, so the loss is the rationale term
+OPTIM = OptimSpec()
+
+
+def latro_train_step(config, params, rows: dict, micro_batch: int, score_from: int) -> Callable[[], float]:
+    """A call of the jitted `train.update` (LaTRO rows loss, AdamW) on `rows`, returning the loss
+    before the step. `params` are donated: each call replaces them and the optimizer state."""
+    optimizer = make_optimizer(OPTIM, updates=1_000_000)  # the learning rate barely decays over the timed calls
+    state = [params, optimizer.init(params)]
+    rows = {name: jnp.asarray(value) for name, value in rows.items()}
+
+    def run():
+        new_params, opt_state, metrics = update(
+            config, OBJECTIVE, optimizer, micro_batch, latro_rows_loss, score_from, *state, rows
+        )
+        state[:] = jax.block_until_ready((new_params, opt_state))
+        return float(metrics["loss"])
+
+    return run
+
+
+def hf_train_step(
+    model, rows: dict, micro_batch: int, score_from: int, checkpointing: bool, device
+) -> Callable[[], float]:
+    """transformers' forward over each micro-batch (logits past the prompt only), the same
+    surrogate loss and `.backward()` (gradients accumulate in .grad), then one AdamW step;
+    returns the loss before the step."""
+    ids = torch.as_tensor(rows["tokens"], dtype=torch.long, device=device)
+    attention = torch.as_tensor(rows["attention_mask"], dtype=torch.long, device=device)
+    rationale = torch.as_tensor(rows["rationale_mask"][:, score_from:], device=device)
+    advantages = torch.as_tensor(rows["advantages"], device=device)
+    n = ids.shape[0]
+    keep = ids.shape[1] - score_from + 1  # the hidden state before slot t predicts token t
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=OPTIM.learning_rate, betas=(OPTIM.b1, OPTIM.b2), eps=OPTIM.eps,
+        weight_decay=OPTIM.weight_decay,
+    )
+
+    def run():
+        total = torch.zeros((), device=device)
+        for start in range(0, n, micro_batch):
+            part = slice(start, start + micro_batch)
+            logits = model(ids[part], attention_mask=attention[part], logits_to_keep=keep).logits[:, :-1]
+            targets = ids[part, score_from:]
+            logprobs = -torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), reduction="none"
+            ).view(targets.shape)
+            loss = -(advantages[part] * (logprobs * rationale[part]).sum(1)).sum() / n
+            loss.backward()
+            total += loss.detach()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        return float(total)
+
+    return run
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -319,87 +439,117 @@ def report(rows: list[tuple[str, float, float]], lines: list[str]) -> None:
         print(line)
 
 
+PARTS = ("sampler", "scorer", "train")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu-small")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--batch", type=int, help="rows sampled at once")
     parser.add_argument("--prompt-len", type=int, help="prompt tokens per row")
     parser.add_argument("--new-tokens", type=int, help="tokens generated per row")
     parser.add_argument("--score-batch", type=int, help="rows scored at once")
+    parser.add_argument("--train-batch", type=int, help="rows of one train step")
+    parser.add_argument("--train-len", type=int, help="tokens per train row (prompt + rationale + answer)")
+    parser.add_argument("--micro-batch", type=int, help="rows per forward+backward in the train step")
     parser.add_argument("--repeats", type=int, help="timed calls after the warm-up; the median is reported")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding on both sides instead of sampling")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
+    parts = args.parts.split(",")
+    if not parts or set(parts) - set(PARTS):
+        parser.error(f"--parts {args.parts!r}: choose from {', '.join(PARTS)}")
     overrides = {
         field: getattr(args, field)
-        for field in ("batch", "prompt_len", "new_tokens", "score_batch", "repeats")
+        for field in ("batch", "prompt_len", "new_tokens", "score_batch", "train_batch", "train_len", "micro_batch",
+                      "repeats")
         if getattr(args, field) is not None
     }
     bench = dataclasses.replace(CONFIGS[args.config], **overrides)
+    if bench.train_batch % bench.micro_batch or bench.train_len <= bench.prompt_len + bench.train_answer_len:
+        parser.error("the train batch must be a multiple of --micro-batch, and --train-len must leave room for a "
+                     "rationale after the prompt and before the answer")
 
     jax_device = jax.devices()[0]
     if jax_device.platform == "gpu" and not torch.cuda.is_available():
         sys.exit("error: JAX runs on a GPU but this torch build has no CUDA; both must run on the same device")
     device = torch.device("cuda" if jax_device.platform == "gpu" else "cpu")
     torch_device = f"{torch.cuda.get_device_name(device)} (cuda)" if device.type == "cuda" else "cpu"
-    print(f"config {args.config}: batch {bench.batch}, prompt {bench.prompt_len}, new tokens {bench.new_tokens}, "
-          f"score batch {bench.score_batch}, {bench.dtype}, median of {bench.repeats} after a warm-up")
+    print(f"config {args.config} ({', '.join(parts)}): batch {bench.batch}, prompt {bench.prompt_len}, new tokens "
+          f"{bench.new_tokens}, score batch {bench.score_batch}, train {bench.train_batch} x {bench.train_len} "
+          f"tokens in micro-batches of {bench.micro_batch}, {bench.dtype}, median of {bench.repeats} after a warm-up")
     print(f"jax {jax.__version__}: {jax.devices()}")
     # Other processes on the same cores slow torch's OpenMP far more than XLA: a busy machine
     # inflates the ratios, so the load is part of the record.
     print(f"torch {torch.__version__}: {torch_device}, {torch.get_num_threads()} threads; "
           f"os.cpu_count() {os.cpu_count()}, 1-minute load average {os.getloadavg()[0]:.1f}")
 
-    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="latro-bench-") as directory:
-        model, config, params = build_models(bench, directory, device)
-    num_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"model: {num_params / 1e6:.1f}M params, {config.num_layers} layers, hidden {config.hidden_size}, "
-          f"vocab {config.vocab_size} (built, saved, converted in {time.perf_counter() - start:.1f} s)")
-
-    rng = np.random.default_rng(0)
-    prompts = rng.integers(1, config.vocab_size, (bench.batch, bench.prompt_len), dtype=np.int32)
-    sequences = rng.integers(
-        1, config.vocab_size, (bench.score_batch, bench.prompt_len + bench.new_tokens), dtype=np.int32
-    )
-    flop_rate = matmul_rate(bench.matmul_size, bench.dtype)
-    bandwidth = copy_bandwidth(bench.copy_bytes)
-
-    start = time.perf_counter()
-    latro_sample_s, hf_sample_s = median_seconds(
-        latro_sampler(config, params, prompts, bench.new_tokens, args.greedy),
-        hf_generate(model, prompts, bench.new_tokens, args.greedy, device),
-        repeats=bench.repeats,
-    )
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # generate's cache blocks, before the scorer's [batch, seq, vocab] logits
-    ours, theirs = latro_scorer(config, params, sequences), hf_scorer(model, sequences, device)
-    latro_score_s, hf_score_s = median_seconds(ours, theirs, repeats=bench.repeats)
-    score_diff = float(np.max(np.abs(np.asarray(ours())[:, 1:] - theirs().float().cpu().numpy())))
-    wall = time.perf_counter() - start
-
-    generated = bench.batch * bench.new_tokens
-    scored = bench.score_batch * (bench.prompt_len + bench.new_tokens)
-    gen = generation_work(config, params, bench.batch, bench.prompt_len, bench.new_tokens)
-    prefill_s = gen["prefill"].seconds(flop_rate, bandwidth)
-    step_s = gen["step"].seconds(flop_rate, bandwidth)
-    bound_tps = generated / (prefill_s + gen["steps"] * step_s)
-    score_bound_tps = scored / scoring_work(config, params, bench.score_batch, sequences.shape[1]).seconds(
-        flop_rate, bandwidth
-    )
-    mode = "greedy" if args.greedy else "temperature 1"
+        results, rows, lines = run_parts(bench, parts, args.greedy, directory, device)
     results = {
         "config": args.config,
+        "parts": parts,
         "workload": dataclasses.asdict(bench) | {"greedy": args.greedy},
         "devices": {"jax": str(jax.devices()), "torch": torch_device, "torch_threads": torch.get_num_threads()},
         "load_average_at_end": os.getloadavg()[0],
-        "params": int(num_params),
-        "sampler_tokens_per_s": {"latro_jax": generated / latro_sample_s, "transformers": generated / hf_sample_s},
-        "sampler_seconds": {"latro_jax": latro_sample_s, "transformers": hf_sample_s},
-        "scorer_tokens_per_s": {"latro_jax": scored / latro_score_s, "transformers": scored / hf_score_s},
-        "scorer_max_abs_logprob_diff": score_diff,
-        "measured": {"matmul_flops_per_s": flop_rate, "copy_bytes_per_s": bandwidth},
-        "bound": {
+        **results,
+    }
+    lines.append(f"1-minute load average now {os.getloadavg()[0]:.1f}")
+    report(rows, lines)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+def run_parts(bench: BenchConfig, parts: list[str], greedy: bool, directory: str, device):
+    """Build the models in `directory`, time the chosen parts; -> (results for the JSON, report
+    rows, report lines). The transformers model lives only here, so the train step can free it."""
+    start = time.perf_counter()
+    model, checkpoint = build_models(bench, directory, device)
+    num_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {num_params / 1e6:.1f}M params, {model.config.num_hidden_layers} layers, hidden "
+          f"{model.config.hidden_size}, vocab {model.config.vocab_size} (built, saved, converted in "
+          f"{time.perf_counter() - start:.1f} s)")
+    results, rows, lines = {"params": int(num_params)}, [], []
+    config = params = None
+    rng = np.random.default_rng(0)
+    vocab_size = model.config.vocab_size
+
+    def measure_rates() -> None:
+        flop_rate = matmul_rate(bench.matmul_size, bench.dtype)
+        bandwidth = copy_bandwidth(bench.copy_bytes)
+        results["measured"] = {"matmul_flops_per_s": flop_rate, "copy_bytes_per_s": bandwidth}
+        lines.append(f"measured: {flop_rate / 1e9:.1f} GFLOP/s {bench.dtype} matmul ({bench.matmul_size}^2), "
+                     f"{bandwidth / 1e9:.1f} GB/s copy ({bench.copy_bytes >> 20} MiB)")
+
+    if "sampler" in parts or "scorer" in parts:
+        config, params = load_model(checkpoint, dtype=bench.dtype)
+        measure_rates()
+        flop_rate, bandwidth = results["measured"].values()
+        results["bound"] = {}
+    if "sampler" in parts:
+        prompts = rng.integers(1, vocab_size, (bench.batch, bench.prompt_len), dtype=np.int32)
+        start = time.perf_counter()
+        latro_sample_s, hf_sample_s = median_seconds(
+            latro_sampler(config, params, prompts, bench.new_tokens, greedy),
+            hf_generate(model, prompts, bench.new_tokens, greedy, device),
+            repeats=bench.repeats,
+        )
+        wall = time.perf_counter() - start
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # generate's cache blocks, before the scorer's [batch, seq, vocab] logits
+        generated = bench.batch * bench.new_tokens
+        gen = generation_work(config, num_params, bench.batch, bench.prompt_len, bench.new_tokens)
+        prefill_s = gen["prefill"].seconds(flop_rate, bandwidth)
+        step_s = gen["step"].seconds(flop_rate, bandwidth)
+        bound_tps = generated / (prefill_s + gen["steps"] * step_s)
+        results["sampler_tokens_per_s"] = {
+            "latro_jax": generated / latro_sample_s, "transformers": generated / hf_sample_s
+        }
+        results["sampler_seconds"] = {"latro_jax": latro_sample_s, "transformers": hf_sample_s}
+        results["bound"] |= {
             "flops_per_generated_token": gen["token_flops"],
             "average_context": gen["context"],
             "step_flops": gen["step"].flops,
@@ -408,38 +558,89 @@ def main() -> None:
             "step_seconds_memory": gen["step"].bytes / bandwidth,
             "prefill_seconds": prefill_s,
             "sampler_tokens_per_s": bound_tps,
-            "scorer_tokens_per_s": score_bound_tps,
-        },
-    }
-    sampler, scorer = results["sampler_tokens_per_s"], results["scorer_tokens_per_s"]
-    report(
-        [
-            (f"sampler tokens/s ({mode})", sampler["latro_jax"], sampler["transformers"]),
-            ("scorer tokens/s (forward + log-probs)", scorer["latro_jax"], scorer["transformers"]),
+        }
+        sampler = results["sampler_tokens_per_s"]
+        rows += [
+            (f"sampler tokens/s ({'greedy' if greedy else 'temperature 1'})", *sampler.values()),
             ("sampler fraction of bound", sampler["latro_jax"] / bound_tps, sampler["transformers"] / bound_tps),
-            ("scorer fraction of bound", scorer["latro_jax"] / score_bound_tps, scorer["transformers"] / score_bound_tps),
-        ],
-        [
-            f"seconds per sampler call: latro-jax {latro_sample_s:.3f}, transformers {hf_sample_s:.3f}; "
-            f"per scorer call: latro-jax {latro_score_s:.3f}, transformers {hf_score_s:.3f}",
-            f"measured: {flop_rate / 1e9:.1f} GFLOP/s {bench.dtype} matmul ({bench.matmul_size}^2), "
-            f"{bandwidth / 1e9:.1f} GB/s copy ({bench.copy_bytes >> 20} MiB)",
-            f"bound: {gen['token_flops'] / 1e6:.1f} MFLOP per generated token "
-            f"(2 x {matmul_params(config, params) / 1e6:.2f}M matmul params + attention at average context "
+        ]
+        lines += [
+            f"seconds per sampler call: latro-jax {latro_sample_s:.3f}, transformers {hf_sample_s:.3f} "
+            f"(timing took {wall:.0f} s with compilation and warm-ups)",
+            f"sampler bound: {gen['token_flops'] / 1e6:.1f} MFLOP per generated token "
+            f"(2 x {matmul_params(config, num_params) / 1e6:.2f}M matmul params + attention at average context "
             f"{gen['context']:.0f}); decode step of {bench.batch} rows >= "
             f"max({gen['step'].flops / flop_rate * 1e3:.2f} ms compute, {gen['step'].bytes / bandwidth * 1e3:.2f} ms "
             f"memory for {gen['step'].bytes / 1e6:.1f} MB weights + KV), prefill >= {prefill_s * 1e3:.1f} ms "
             f"-> {bound_tps:.0f} generated tokens/s",
-            f"scorer bound {score_bound_tps:.0f} tokens/s; scorer log-probs max |latro-jax - transformers| "
-            f"= {score_diff:.2g}",
-            f"timing took {wall:.0f} s (compilation and warm-ups included); 1-minute load average now "
-            f"{os.getloadavg()[0]:.1f}",
-        ],
-    )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.json}")
+        ]
+    if "scorer" in parts:
+        sequences = rng.integers(
+            1, vocab_size, (bench.score_batch, bench.prompt_len + bench.new_tokens), dtype=np.int32
+        )
+        ours, theirs = latro_scorer(config, params, sequences), hf_scorer(model, sequences, device)
+        latro_score_s, hf_score_s = median_seconds(ours, theirs, repeats=bench.repeats)
+        score_diff = float(np.max(np.abs(np.asarray(ours())[:, 1:] - theirs().float().cpu().numpy())))
+        del ours, theirs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        scored = sequences.size
+        score_bound_tps = scored / scoring_work(config, num_params, bench.score_batch, sequences.shape[1]).seconds(
+            flop_rate, bandwidth
+        )
+        results["scorer_tokens_per_s"] = {"latro_jax": scored / latro_score_s, "transformers": scored / hf_score_s}
+        results["scorer_max_abs_logprob_diff"] = score_diff
+        results["bound"]["scorer_tokens_per_s"] = score_bound_tps
+        scorer = results["scorer_tokens_per_s"]
+        rows += [
+            ("scorer tokens/s (forward + log-probs)", scorer["latro_jax"], scorer["transformers"]),
+            ("scorer fraction of bound", *(tps / score_bound_tps for tps in scorer.values())),
+        ]
+        lines += [
+            f"seconds per scorer call: latro-jax {latro_score_s:.3f}, transformers {hf_score_s:.3f}; scorer bound "
+            f"{score_bound_tps:.0f} tokens/s; scorer log-probs max |latro-jax - transformers| = {score_diff:.2g}",
+        ]
+    if "train" in parts:
+        batch = train_rows(bench, vocab_size, rng)
+        score_from = bench.prompt_len
+        start = time.perf_counter()
+        # transformers first, then its model and AdamW state are dropped: the last use of both.
+        theirs = hf_train_step(model, batch, bench.micro_batch, score_from, bench.hf_gradient_checkpointing, device)
+        hf_loss = theirs()
+        [hf_train_s] = median_seconds(theirs, repeats=bench.repeats)
+        del theirs, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if "measured" not in results:
+            measure_rates()
+        if params is None:
+            config, params = load_model(checkpoint, dtype=bench.dtype)
+        ours = latro_train_step(config, params, batch, bench.micro_batch, score_from)
+        del params  # donated to the first update
+        latro_loss = ours()
+        [latro_train_s] = median_seconds(ours, repeats=bench.repeats)
+        wall = time.perf_counter() - start
+        tokens = batch["tokens"].size
+        flops = train_flops(config, num_params, bench.train_batch, bench.train_len, score_from)
+        flop_rate = results["measured"]["matmul_flops_per_s"]
+        results["train_tokens_per_s"] = {"latro_jax": tokens / latro_train_s, "transformers": tokens / hf_train_s}
+        results["train_mfu"] = {"latro_jax": flops / latro_train_s / flop_rate,
+                                "transformers": flops / hf_train_s / flop_rate}
+        results["train_loss_before_step"] = {"latro_jax": latro_loss, "transformers": hf_loss}
+        train = results["train_tokens_per_s"]
+        rows += [
+            ("train step tokens/s (fwd+bwd+AdamW)", train["latro_jax"], train["transformers"]),
+            ("train step MFU (of measured matmul)", *results["train_mfu"].values()),
+        ]
+        checkpointing = "with" if bench.hf_gradient_checkpointing else "without"
+        lines += [
+            f"seconds per train step: latro-jax {latro_train_s:.3f}, transformers {hf_train_s:.3f} "
+            f"({checkpointing} gradient checkpointing; timing took {wall:.0f} s with compilation and warm-ups); "
+            f"{flops / tokens / 1e6:.1f} MFLOP per token",
+            f"train step latro-jax / transformers: {train['latro_jax'] / train['transformers']:.2f}x (goal >= 1.1x); "
+            f"loss before the step: latro-jax {latro_loss:.6g}, transformers {hf_loss:.6g}",
+        ]
+    return results, rows, lines
 
 
 if __name__ == "__main__":
