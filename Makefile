@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-requirements
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup test train eval convert export bench clean-venv
+.PHONY: setup test train eval convert export bench plan clean-venv
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +38,15 @@ convert: $(STAMP)
 export: $(STAMP)
 	$(BIN)/python tools/export_hf.py $(CKPT) $(OUT) $(ARGS)
 
-# Sampler and scorer throughput beside transformers on the same weights. ARGS="--config llama8b" on a GPU.
+# Sampler, scorer and train-step throughput beside transformers on the same weights.
+# ARGS="--config llama8b" on a GPU (ARGS="--config llama8b --parts train" for the 8B train step on 80 GB).
 bench: $(STAMP)
 	$(BIN)/python tools/bench.py $(ARGS)
+
+# Per-device memory of an experiment's compiled programs on a mesh, from abstract shapes (no weights):
+#   make plan EXP=gsm8k_llama ARGS="--mesh 1,8,1 --device-memory 80GB"   (ARGS="--lora 16" for LoRA)
+plan: $(STAMP)
+	$(BIN)/python tools/plan.py $(or $(EXP),gsm8k_llama) $(ARGS) $(OVERRIDES)
 
 clean-venv:
 	rm -rf $(VENV)

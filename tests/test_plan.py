@@ -1,0 +1,145 @@
+"""tools/plan.py: the compiled programs' per-device bytes against hand counts of what they must
+hold, less per device on a larger mesh, LoRA below full fine-tuning, and the paper models' presets
+against their published parameter counts.
+
+The plans run in a subprocess (this file run as a script) with 4 simulated CPU devices: a
+process's device count is fixed when JAX starts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+# 4 questions x 2 samples = 8 rows of 16 prompt + 16 generated + 16 answer slots.
+OVERRIDES = ["rollout.num_samples=2", "train.questions_per_update=4", "rollout.max_new_tokens=16",
+             "train.micro_batch=4"]
+ROWS, LENGTH, RANK = 8, 48, 4
+
+
+def load_plan_module():
+    spec = importlib.util.spec_from_file_location("plan_tool", os.path.join(ROOT, "tools", "plan.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def hand_param_count(c: dict) -> int:
+    d, v, i, layers = c["hidden_size"], c["vocab_size"], c["intermediate_size"], c["num_hidden_layers"]
+    head_dim = d // c["num_attention_heads"]
+    q = o = d * c["num_attention_heads"] * head_dim
+    kv = 2 * d * c["num_key_value_heads"] * head_dim
+    layer = q + kv + o + 3 * d * i + 2 * d  # attention, gate/up/down, two norms
+    return 2 * v * d + layers * layer + d  # embedding, LM head, final norm
+
+
+def hand_adapter_count(c: dict, rank: int) -> int:
+    """A: [in..., rank] and B: [rank, out...] for q, k, v, o, gate, up, down in every layer."""
+    d, i = c["hidden_size"], c["intermediate_size"]
+    head_dim = d // c["num_attention_heads"]
+    q = o = c["num_attention_heads"] * head_dim
+    kv = c["num_key_value_heads"] * head_dim
+    per_layer = rank * ((d + q) + 2 * (d + kv) + (o + d) + 2 * (d + i) + (i + d))
+    return c["num_hidden_layers"] * per_layer
+
+
+ROW_BYTES = ROWS * LENGTH * (4 + 1 + 1 + 1) + ROWS * 4  # tokens int32, three bool masks, advantages f32
+
+
+@pytest.fixture(scope="module")
+def plans():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_update_arguments_hold_params_optimizer_state_and_rows(plans):
+    params = 4 * hand_param_count(TINY)  # float32 master params
+    one = plans["full 1,1,1"]
+    assert one["state_bytes_per_device"]["policy params"] == params
+    expected = params + 2 * params + ROW_BYTES  # + AdamW's two moments
+    arguments = one["phases"]["update"]["arguments"]
+    assert expected <= arguments <= expected + 64  # + AdamW's step count
+    # params and moments are donated: the new ones reuse their buffers
+    assert one["phases"]["update"]["aliased"] >= 3 * params
+
+
+def test_more_devices_hold_fewer_bytes_each(plans):
+    one, four = plans["full 1,1,1"], plans["full 1,4,1"]
+    # every weight has an `embed` axis, split over fsdp=4
+    assert four["state_bytes_per_device"]["policy params"] * 4 == one["state_bytes_per_device"]["policy params"]
+    for phase in ("sample", "score", "update"):
+        assert four["phases"][phase]["arguments"] < one["phases"][phase]["arguments"]
+        assert four["phases"][phase]["total"] < one["phases"][phase]["total"]
+    assert four["peak"] < one["peak"]
+
+
+def test_lora_trains_the_adapters_against_a_bf16_base(plans):
+    lora = plans["lora 1,1,1"]
+    adapters = 4 * hand_adapter_count(TINY, RANK)
+    base = 2 * hand_param_count(TINY)  # bfloat16
+    assert lora["state_bytes_per_device"]["policy params"] == adapters
+    expected = 3 * adapters + base + ROW_BYTES  # adapters, their moments, the frozen base, the rows
+    assert expected <= lora["phases"]["update"]["arguments"] <= expected + 64
+    full = plans["full 1,1,1"]
+    assert lora["phases"]["update"]["total"] < full["phases"]["update"]["total"]
+
+
+def test_fits_compares_the_peak_with_the_device_memory(plans):
+    for plan in plans.values():
+        assert plan["peak"] == max(p["total"] for p in plan["phases"].values())
+        assert plan["fits"] == (plan["peak"] <= plan["device_memory"])
+    assert not plans["full 1,1,1"]["fits"]  # the device memory is set below its peak
+    assert plans["full 1,4,1"]["fits"]
+
+
+@pytest.mark.parametrize("name, published", [
+    ("meta-llama/Llama-3.1-8B-Instruct", 8_030_261_248),
+    ("mistralai/Mistral-7B-Instruct-v0.3", 7_248_023_552),
+    ("microsoft/Phi-3.5-mini-instruct", 3_821_079_552),
+])
+def test_presets_have_the_published_parameter_counts(name, published):
+    from latro_jax.config import ModelConfig
+    from latro_jax.model import abstract_params
+
+    plan = load_plan_module()
+    config = ModelConfig.from_hf(plan.MODEL_SHAPES[name])
+    assert plan.count(abstract_params(config)) == published
+
+
+def test_sizes_and_meshes_parse():
+    plan = load_plan_module()
+    assert plan.parse_bytes("80GB") == 80 * 10**9
+    assert plan.parse_bytes("80GiB") == 80 * 2**30
+    assert plan.parse_mesh("1,8,1") == (1, 8, 1)
+    for bad in ("80 parsecs", "GB"):
+        with pytest.raises(ValueError, match="expected a size"):
+            plan.parse_bytes(bad)
+    with pytest.raises(ValueError, match="data,fsdp,tensor"):
+        plan.parse_mesh("8")
+
+
+if __name__ == "__main__":
+    from latro_jax.config import ModelConfig
+    from latro_jax.experiment import load_experiment
+
+    tool = load_plan_module()
+    exp = load_experiment("gsm8k_llama", OVERRIDES)
+    config = ModelConfig.from_hf(TINY)
+    one = tool.plan(exp, config, (1, 1, 1), 1_000_000, None, 16, 16)
+    results = {
+        "full 1,1,1": one,
+        "full 1,4,1": tool.plan(exp, config, (1, 4, 1), one["peak"] - 1, None, 16, 16),
+        "lora 1,1,1": tool.plan(exp, config, (1, 1, 1), 1_000_000, RANK, 16, 16),
+    }
+    print(json.dumps(results))

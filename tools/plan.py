@@ -1,0 +1,339 @@
+"""Per-device memory of an experiment's compiled programs on a mesh, without weights or devices.
+
+    python tools/plan.py gsm8k_llama --mesh 1,8,1 --device-memory 80GB
+    python tools/plan.py gsm8k_llama --mesh 1,1,1 --device-memory 80GB --lora 16
+    python tools/plan.py gsm8k_phi --mesh 2,4,1 --device-memory 40GB rollout.max_new_tokens=300
+    python tools/plan.py gsm8k_llama --model-config path/to/config.json --json plan.json
+
+Each program of a LaTRO update (the sampler `sampling.sample_padded`, the rollout scoring
+`train.score_rollout`, the train step `train.update`) is lowered with abstract arguments
+(`jax.ShapeDtypeStruct`s carrying the shardings of `latro_jax.sharding`), compiled, and its
+`memory_analysis()` read: per device, arguments + outputs - donated (aliased) + temporaries is the
+program's peak. Arrays that live across the program without being its arguments (AdamW's moments
+while sampling, pi_0 during the update) are added to give the device's peak in that phase.
+
+The model's shape comes from `--model-config` (an HF config.json or its directory), else from a
+preset for the paper's three models (MODEL_SHAPES below; no hub access is needed). A mesh larger
+than the devices present is simulated on the CPU (`--xla_force_host_platform_device_count` is
+set before JAX starts); the numbers are then those of XLA's CPU compiler, an estimate of a GPU's
+(other fusion decisions, no cuDNN/cuBLAS workspaces): leave a few GB of headroom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+# Architecture shapes of the paper's models (their HF config.json, trimmed to what memory depends
+# on: rope scaling factors change values, not sizes, so they are left out).
+MODEL_SHAPES = {
+    "meta-llama/Llama-3.1-8B-Instruct": dict(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+    "mistralai/Mistral-7B-Instruct-v0.3": dict(
+        model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5,
+        sliding_window=None, tie_word_embeddings=False,
+    ),
+    "microsoft/Phi-3.5-mini-instruct": dict(
+        model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        sliding_window=262144, tie_word_embeddings=False,
+    ),
+}
+MODEL_SHAPES["meta-llama/Llama-3.1-8B"] = MODEL_SHAPES["meta-llama/Llama-3.1-8B-Instruct"]
+MODEL_SHAPES["mistralai/Mistral-7B-v0.3"] = MODEL_SHAPES["mistralai/Mistral-7B-Instruct-v0.3"]
+
+UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' (10^9) or '80GiB' (2^30) -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    unit = match and (match.group(2).upper() or "B")
+    if not match or unit not in UNITS:
+        raise ValueError(f"{text!r}: expected a size such as 80GB or 80GiB")
+    return int(float(match.group(1)) * UNITS[unit])
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    sizes = tuple(int(x) for x in text.split(","))
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise ValueError(f"--mesh {text!r}: expected data,fsdp,tensor device counts, e.g. 1,8,1")
+    return sizes
+
+
+def gb(num_bytes: float) -> str:
+    """Bytes in GB (10^9), or MB below 0.1 GB so that small plans read too."""
+    if num_bytes < 1e8:
+        return f"{num_bytes / 1e6:.2f} MB"
+    return f"{num_bytes / 1e9:.2f} GB"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", help="a name in experiments/ (e.g. gsm8k_llama)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value, as for make train")
+    parser.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor device counts (default 1,1,1)")
+    parser.add_argument("--device-memory", default="80GB", help="memory of one device, e.g. 80GB or 80GiB")
+    parser.add_argument("--model-config", help="an HF config.json (or its directory) instead of the preset")
+    parser.add_argument("--lora", type=int, metavar="RANK", help="train LoRA adapters of this rank on a frozen base")
+    parser.add_argument("--prompt-len", type=int, default=256, help="prompt slots (a bucket; default 256)")
+    parser.add_argument("--answer-len", type=int, default=16, help="answer slots (a bucket; default 16)")
+    parser.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        mesh_shape = parse_mesh(args.mesh)
+        device_memory = parse_bytes(args.device_memory)
+    except ValueError as e:
+        parser.error(str(e))
+    num_devices = math.prod(mesh_shape)
+    # Must precede JAX's start: the CPU then offers enough devices to simulate the mesh.
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_devices}"
+        ).strip()
+
+    from latro_jax.config import ModelConfig
+    from latro_jax.experiment import load_experiment
+
+    exp = load_experiment(args.experiment, args.overrides)
+    if args.model_config:
+        config = ModelConfig.from_hf(args.model_config)
+    elif exp.model.hf in MODEL_SHAPES:
+        config = ModelConfig.from_hf(MODEL_SHAPES[exp.model.hf])
+    elif exp.model.hf and os.path.exists(exp.model.hf):
+        config = ModelConfig.from_hf(exp.model.hf)
+    else:
+        parser.error(f"no model shape for model.hf={exp.model.hf!r} model.checkpoint={exp.model.checkpoint!r}; "
+                     f"pass --model-config <config.json> (presets: {', '.join(MODEL_SHAPES)})")
+    result = plan(exp, config, mesh_shape, device_memory, args.lora, args.prompt_len, args.answer_len)
+    print_plan(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    return result
+
+
+def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, prompt_len: int, answer_len: int) -> dict:
+    """The per-device memory of each phase of an update of `exp` with model `config` on a mesh
+    of `mesh_shape` (data, fsdp, tensor) devices. Compiles abstractly; allocates no weights."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from latro_jax.model import abstract_params, graphdef
+    from latro_jax.sampling import SamplingConfig, bucket, sample_padded
+    from latro_jax.sharding import (
+        MeshSpec, batch_shardings, cache_shardings, make_mesh, opt_state_shardings, param_shardings,
+    )
+    from latro_jax.train import ANSWER_BUCKETS, latro_rows_loss, make_optimizer, score_rollout, update
+
+    num_devices = math.prod(mesh_shape)
+    devices = jax.devices()
+    if len(devices) < num_devices:
+        devices = jax.devices("cpu")
+    if len(devices) < num_devices:
+        raise ValueError(f"the mesh needs {num_devices} devices but {len(devices)} exist: start with "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices}")
+    mesh = make_mesh(MeshSpec(*mesh_shape), devices=devices[:num_devices])
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def placed(tree, shardings):
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+    def replicate(tree):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)
+
+    k, questions = exp.rollout.num_samples, exp.train.questions_per_update
+    n = questions * k
+    steps = bucket(exp.rollout.max_new_tokens, SamplingConfig().length_buckets)
+    answer_len = bucket(answer_len, ANSWER_BUCKETS)
+    length = prompt_len + exp.rollout.max_new_tokens + answer_len
+    optimizer = make_optimizer(exp.optim, exp.train.updates)
+    train_config = config.replace(dtype=exp.model.dtype, param_dtype="float32")  # as train.load_policy
+    lora = None
+    if lora_rank is None:
+        policy = abstract_params(train_config)
+        policy = placed(policy, param_shardings(mesh, policy))
+        trained = policy
+        reference = policy  # train.run keeps pi_0 as a float32 copy
+        sampled = policy
+    else:
+        from latro_jax.lora import LoraConfig, LoraRowsLoss, abstract_adapters
+
+        lora = LoraConfig(rank=lora_rank)
+        base_config = train_config.replace(param_dtype="bfloat16")  # the frozen base, stored in bf16
+        base = abstract_params(base_config)
+        base = placed(base, param_shardings(mesh, base))
+        # Adapters are ~0.5% of the params: replicated, so each device's update is local.
+        trained = replicate(abstract_adapters(config, lora))
+        reference = base  # the frozen base is pi_0
+        sampled = base  # the sampler runs on merge(base, adapters): the base's shapes and dtype
+    opt_abstract = jax.eval_shape(optimizer.init, trained)
+    if lora is None:
+        shardings = opt_state_shardings(mesh, optimizer, opt_abstract, param_shardings(mesh, policy))
+        opt_state = placed(opt_abstract, shardings)
+    else:
+        opt_state = replicate(opt_abstract)
+
+    def rows_of(shapes: dict) -> dict:
+        arrays = {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in shapes.items()}
+        return placed(arrays, batch_shardings(mesh, arrays))
+
+    sampling = SamplingConfig(max_new_tokens=steps, num_samples=k, temperature=exp.rollout.temperature,
+                              cache_room=answer_len + 2, length_buckets=(steps,))
+    prompts = rows_of({"tokens": ((questions, prompt_len), jnp.int32), "mask": ((questions, prompt_len), jnp.bool_)})
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+    limit = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    rows = rows_of({
+        "tokens": ((n, length), jnp.int32), "attention_mask": ((n, length), jnp.bool_),
+        "rationale_mask": ((n, length), jnp.bool_), "answer_mask": ((n, length), jnp.bool_),
+        "advantages": ((n,), jnp.float32),
+    })
+    compute_config = train_config if lora is None else base_config
+    # model.graphdef builds the module abstractly, which fails under a mesh lacking the logical
+    # axis names; built once here (it is cached), the programs below reuse it.
+    for c in {train_config, compute_config}:
+        graphdef(c)
+
+    with jax.set_mesh(mesh):
+        sampler_args = (compute_config, sampling, steps, sampled, prompts["tokens"], prompts["mask"], rng, limit)
+        out = jax.eval_shape(sample_padded, *sampler_args)
+        # sample() trims the generation bucket to max_new_tokens; the cache keeps its slots.
+        trimmed = (n, exp.rollout.max_new_tokens)
+        out = out._replace(
+            tokens=jax.ShapeDtypeStruct(trimmed, out.tokens.dtype), logprobs=jax.ShapeDtypeStruct(trimmed, jnp.float32),
+        )
+        out = placed(out, out._replace(
+            tokens=batch_shardings(mesh, out.tokens), lengths=batch_shardings(mesh, out.lengths),
+            finished=batch_shardings(mesh, out.finished), logprobs=batch_shardings(mesh, out.logprobs),
+            prompt_lengths=batch_shardings(mesh, out.prompt_lengths), prompt_slots=replicated, steps=replicated,
+            cache=cache_shardings(mesh, out.cache),
+        ))
+        repeated = rows_of({"tokens": ((n, prompt_len), jnp.int32), "mask": ((n, prompt_len), jnp.bool_),
+                            "answers": ((n, answer_len), jnp.int32), "answer_lengths": ((n,), jnp.int32)})
+        score_args = (compute_config, exp.objective, k, sampled, reference, out, repeated["tokens"],
+                      repeated["mask"], repeated["answers"], repeated["answer_lengths"])
+        if lora is None:
+            update_args = (train_config, exp.objective, optimizer, exp.train.micro_batch, latro_rows_loss, prompt_len,
+                           trained, opt_state, rows)
+            update_kwargs = {}
+        else:
+            update_args = (base_config, exp.objective, optimizer, exp.train.micro_batch,
+                           LoraRowsLoss(latro_rows_loss, lora), prompt_len, trained, opt_state, rows)
+            update_kwargs = {"frozen": base}
+        programs = {
+            "sample": sample_padded.lower(*sampler_args),
+            "score": score_rollout.lower(*score_args),
+            "update": update.lower(*update_args, **update_kwargs),
+        }
+        analyses = {name: lowered.compile().memory_analysis() for name, lowered in programs.items()}
+
+    state = {"policy params": trained, "optimizer state": opt_state}
+    if lora is None:
+        state["pi_0 (reference params)"] = reference
+    else:
+        state["frozen base (also pi_0)"] = base
+    state_bytes = {name: device_bytes(tree) for name, tree in state.items()}
+    cache_bytes = device_bytes(out.cache)
+    # What lives on a device during each program without being one of its arguments.
+    live = {
+        "sample": [name for name in state if name not in ("policy params",)] if lora is None else list(state),
+        "score": ["optimizer state"] if lora is None else ["policy params", "optimizer state"],
+        "update": ["pi_0 (reference params)"] if lora is None else [],
+    }
+    phases = {}
+    for name, analysis in analyses.items():
+        program = {
+            "arguments": analysis.argument_size_in_bytes,
+            "outputs": analysis.output_size_in_bytes,
+            "aliased": analysis.alias_size_in_bytes,
+            "temporaries": analysis.temp_size_in_bytes,
+            "code": analysis.generated_code_size_in_bytes,
+        }
+        program["peak"] = program["arguments"] + program["outputs"] - program["aliased"] + program["temporaries"]
+        others = sum(state_bytes[s] for s in live[name])
+        also_live = {s: state_bytes[s] for s in live[name]}
+        phases[name] = {**program, "also_live": also_live, "total": program["peak"] + others}
+    peak = max(p["total"] for p in phases.values())
+    return {
+        "experiment": exp.name,
+        "model": {"model_type": config.model_type, "params": count(abstract_params(config)),
+                  "layers": config.num_layers,
+                  "hidden": config.hidden_size, "vocab": config.vocab_size, "compute_dtype": exp.model.dtype},
+        "mesh": {"data": mesh_shape[0], "fsdp": mesh_shape[1], "tensor": mesh_shape[2],
+                 "platform": devices[0].platform},
+        "lora_rank": lora_rank,
+        "shapes": {"questions": questions, "samples": k, "rows": n, "prompt_slots": prompt_len,
+                   "generation_slots": steps, "answer_slots": answer_len, "row_length": length,
+                   "micro_batch": exp.train.micro_batch},
+        "state_bytes_per_device": state_bytes,
+        "kv_cache_bytes_per_device": cache_bytes,
+        "phases": phases,
+        "device_memory": device_memory,
+        "peak": peak,
+        "fits": peak <= device_memory,
+    }
+
+
+def count(tree) -> int:
+    import jax
+
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def device_bytes(tree) -> int:
+    """Bytes of the largest shard of each array of `tree` (ShapeDtypeStructs with shardings), summed."""
+    import jax
+    import numpy as np
+
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+    )
+
+
+def print_plan(result: dict) -> None:
+    mesh, shapes, model = result["mesh"], result["shapes"], result["model"]
+    method = f"LoRA rank {result['lora_rank']}" if result["lora_rank"] else "full fine-tuning"
+    print(f"{result['experiment']}: {model['model_type']} {model['params'] / 1e6:,.1f}M params, {method}, mesh "
+          f"data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']} ({mesh['platform']} compiler)")
+    print(f"rollout: {shapes['questions']} questions x {shapes['samples']} samples = {shapes['rows']} rows of "
+          f"{shapes['prompt_slots']} prompt + {shapes['generation_slots']} generated + {shapes['answer_slots']} "
+          f"answer slots; update in micro-batches of {shapes['micro_batch']} rows")
+    rows_per_shard = shapes["micro_batch"] / (mesh["data"] * mesh["fsdp"])
+    if rows_per_shard < 1:
+        print(f"note: a micro-batch of {shapes['micro_batch']} rows cannot be split over the "
+              f"{mesh['data'] * mesh['fsdp']} "
+              "batch shards (data x fsdp): each is computed whole on several devices; set train.micro_batch to a "
+              "multiple of data x fsdp")
+    print("\nper device:")
+    for name, size in result["state_bytes_per_device"].items():
+        print(f"  {name:<26} {gb(size):>10}")
+    print(f"  {'KV cache of a rollout':<26} {gb(result['kv_cache_bytes_per_device']):>10}")
+    header = (f"\n{'program':<8} | {'arguments':>10} | {'outputs':>10} | {'donated':>10} | {'temporaries':>11} | "
+              f"{'peak':>10} | {'+ also live':>11} | {'total':>10}")
+    print(header)
+    print("-" * (len(header) - 1))
+    for name, p in result["phases"].items():
+        also = sum(p["also_live"].values())
+        print(f"{name:<8} | {gb(p['arguments']):>10} | {gb(p['outputs']):>10} | {gb(p['aliased']):>10} | "
+              f"{gb(p['temporaries']):>11} | {gb(p['peak']):>10} | {gb(also):>11} | {gb(p['total']):>10}")
+    for name, p in result["phases"].items():
+        if p["also_live"]:
+            print(f"  also live during {name}: {', '.join(p['also_live'])}")
+    verdict = "fits" if result["fits"] else "does NOT fit"
+    print(f"\nper-device peak {gb(result['peak'])} of {gb(result['device_memory'])}: {verdict}")
+
+
+if __name__ == "__main__":
+    main()
