@@ -29,6 +29,8 @@ class ModelSpec:
     hf: str = ""
     tokenizer: str = ""  # HF tokenizer directory or hub id; default: the checkpoint's hf/ files
     dtype: str = "bfloat16"  # compute dtype; params are always float32 while training
+    lora_rank: int = 0  # 0 = full fine-tuning; r > 0 trains rank-r adapters on a frozen base (latro_jax.lora)
+    lora_alpha: float = 16.0  # the adapters' delta is scaled by lora_alpha / lora_rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +101,8 @@ def validate(exp: Experiment) -> Experiment:
     _check(bool(m.checkpoint) != bool(m.hf), "model.checkpoint/model.hf", (m.checkpoint, m.hf),
            "set exactly one: a latro-jax checkpoint directory or an HF directory / hub id")
     _check(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "allowed: float32, bfloat16")
+    _check(m.lora_rank >= 0, "model.lora_rank", m.lora_rank, "must be >= 0 (0 = full fine-tuning)")
+    _check(m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha, "must be > 0")
     _check(d.task in ("gsm8k", "arc_challenge"), "data.task", d.task, "allowed: gsm8k, arc_challenge")
     _check(d.eval_size >= 0, "data.eval_size", d.eval_size, "must be >= 0")
     _check(r.num_samples >= 2 or t.method == "sft", "rollout.num_samples", r.num_samples,

@@ -177,6 +177,7 @@ def update(
     params: nnx.State,
     opt_state,
     rows: dict,
+    frozen=None,
 ):
     """Gradient of the whole batch's loss, accumulated over micro-batches of `micro_batch` rows
     (a `lax.scan`), then one optimizer step. A non-finite loss or gradient skips the step:
@@ -184,10 +185,15 @@ def update(
 
     rows: dict of [N, ...] arrays; rows_loss(config, objective, N, score_from, params, micro_rows)
     -> (loss, terms); `score_from`: the first slot whose token is scored (after the prompt).
+    `frozen`: a pytree the loss reads but does not train (LoRA's base weights, with params the
+    adapters: `lora.LoraRowsLoss`), passed as rows_loss's `frozen` keyword when not None.
     """
     n = jax.tree.leaves(rows)[0].shape[0]
     micro = jax.tree.map(lambda x: x.reshape(n // micro_batch, micro_batch, *x.shape[1:]), rows)
-    grad_fn = jax.value_and_grad(functools.partial(rows_loss, config, objective, n, score_from), has_aux=True)
+    loss_fn = functools.partial(rows_loss, config, objective, n, score_from)
+    if frozen is not None:
+        loss_fn = functools.partial(loss_fn, frozen=frozen)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def accumulate(carry, micro_rows):
         grads, loss = carry
