@@ -19,6 +19,7 @@ from flax import nnx
 
 from latro_jax.config import ModelConfig
 from latro_jax.rope import apply_rotary, rotary_tables
+from latro_jax.sharding import CACHE_KV, CACHE_POSITIONS, HIDDEN, constrain, param_shardings
 
 # Logical axis names, one per array dimension, for each kind of weight.
 AXES = {
@@ -109,9 +110,17 @@ def _build(config: ModelConfig, seed: int) -> Transformer:
         return Transformer(config, rngs=nnx.Rngs(seed))
 
 
-def init_params(config: ModelConfig, seed: int = 0) -> nnx.State:
-    """Randomly initialised params (normal, std 0.02; norms 1, biases 0)."""
-    return nnx.state(_build(config, seed))
+def init_params(config: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> nnx.State:
+    """Randomly initialised params (normal, std 0.02; norms 1, biases 0).
+
+    With a `mesh`, each array is created in its shards (`sharding.param_shardings`) by one jitted
+    init: no device ever holds a whole copy. The draws are those without a mesh, up to float32
+    rounding (jit fuses the scaling).
+    """
+    if mesh is None:
+        return nnx.state(_build(config, seed))
+    shardings = param_shardings(mesh, abstract_params(config))
+    return jax.jit(lambda: nnx.state(_build(config, seed)), out_shardings=shardings)()
 
 
 def abstract_params(config: ModelConfig) -> nnx.State:
@@ -146,9 +155,9 @@ def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
     shape = (batch, config.num_kv_heads, max_len, config.head_dim)
     dtype = jnp.dtype(config.dtype)
     return KVCache(
-        k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-        v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-        positions=jnp.full((batch, max_len), -1, jnp.int32),
+        k=tuple(constrain(jnp.zeros(shape, dtype), CACHE_KV) for _ in range(config.num_layers)),
+        v=tuple(constrain(jnp.zeros(shape, dtype), CACHE_KV) for _ in range(config.num_layers)),
+        positions=constrain(jnp.full((batch, max_len), -1, jnp.int32), CACHE_POSITIONS),
         index=jnp.zeros((), jnp.int32),
     )
 
@@ -183,8 +192,8 @@ def _attention_block(attn: Attention, cfg: ModelConfig, x, cos, sin, q_pos, k_po
     k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, KV, T, D], the cache layout
     if cache_kv is not None:
         cache_k, cache_v = cache_kv
-        k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=2)
-        v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=2)
+        k = constrain(jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=2), CACHE_KV)
+        v = constrain(jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=2), CACHE_KV)
         cache_kv = (k, v)
     out = _attend(q, k.astype(dtype), v.astype(dtype), q_pos, k_pos, window)
     out = jnp.einsum("bthk,hkd->btd", out, attn.o_proj[...].astype(dtype))
@@ -226,7 +235,12 @@ def hidden_states(
     else:
         k_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, q_pos, cache.index, axis=1)
 
-    x = model.embed[...][tokens].astype(dtype)  # gather, then cast: never the whole table
+    # Under a mesh (no-ops without one): the table is gathered whole along embed first, since XLA
+    # cannot gather batch-split rows from an fsdp-split table without replicating the result;
+    # activations stay split over the batch, where XLA would split hidden like the fsdp-sharded
+    # weights and all-reduce every norm.
+    table = constrain(model.embed[...], ("vocab", None))
+    x = constrain(table[tokens].astype(dtype), HIDDEN)  # gather, then cast: never the whole table
     new_k, new_v = [], []
     for i, layer in enumerate(model.layers):
         cache_kv = None if cache is None else (cache.k[i], cache.v[i])
@@ -236,7 +250,7 @@ def hidden_states(
             config.sliding_windows[i],
         )
         x = x + attn_out
-        x = x + _mlp(layer.mlp, layer.post_attn_norm(x))
+        x = constrain(x + _mlp(layer.mlp, layer.post_attn_norm(x)), HIDDEN)
         if cache is not None:
             new_k.append(cache_kv[0])
             new_v.append(cache_kv[1])
