@@ -3,8 +3,7 @@
 The demo (`experiments/demo.py`) needs a base model that can reason but often slips, like the
 paper's base models, without downloading one. Its training rationales come from here:
 
-    Q: Ann has 47 apples. Ann buys 5 more. Ann gives away 8. How many apples does Ann have now?
-       Let's think step by step.
+    Q: Ann has 47 apples. Ann buys 5 more. Ann gives away 8. How many apples now?
     gold:    47 + 5 = 52. 52 - 8 = 44. The answer is 44.
     slipped: 47 + 5 = 42. 42 - 8 = 44. The answer is 44.      (a forgotten carry; 44 is wrong)
 
@@ -25,7 +24,7 @@ import os
 
 import numpy as np
 
-from latro_jax.data.tasks import GSM8K_PROMPT, Example
+from latro_jax.data.tasks import Example
 
 NAMES = ("Ann", "Ben", "Cal", "Dan", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo")
 ITEMS = ("apples", "books", "coins", "pens", "cards", "stamps", "shells", "rocks")
@@ -74,7 +73,7 @@ def make_problem(rng: np.random.Generator, slip: float) -> tuple[str, str, str, 
     for step in steps:
         verb = (ADD if step > 0 else TAKE)[rng.integers(3)]
         sentences.append(f"{name} {verb.format(n=abs(step))}.")
-    sentences.append(f"How many {item} does {name} have now?")
+    sentences.append(f"How many {item} now?")
     written, value = [], start
     for step in steps:
         slipped = _carries(value, step) and rng.random() < slip
@@ -102,7 +101,7 @@ def load_synthetic(split: str, size: int | None = None, slip: float = 0.6) -> li
             continue
         examples.append(Example(
             task="arithmetic", id=f"arithmetic/{split}/{len(examples)}",
-            question=GSM8K_PROMPT.format(question=question), answer=answer, rationale=rationale,
+            question=question, answer=answer, rationale=rationale,
         ))
     return examples
 
@@ -116,26 +115,25 @@ def _corpus() -> list[str]:
     for name in NAMES:
         for item in ITEMS:
             verbs = " ".join(f"{name} {v.format(n=5)}." for v in ADD + TAKE)
-            texts.append(GSM8K_PROMPT.format(
-                question=f"{name} has 47 {item}. {verbs} How many {item} does {name} have now?"))
-    texts.append("0123456789 + - = . The answer is 44.\n")
+            texts.append(f"{name} has 47 {item}. {verbs} How many {item} now?")
+    texts.append("0 1 2 3 4 5 6 7 8 9 0123456789 + - = . ? The answer is 44.\n")
     texts += [f"x{s}\n{s} {s}" for s in STOP_STRINGS]
     return texts
 
 
 def build_tokenizer(directory: str | os.PathLike):
-    """Write a word-level HF tokenizer (digits one token each) with a chat template to `directory`
-    and return it loaded. Words keep their leading space as "▁" (so decoding restores the text),
-    punctuation and line breaks are tokens of their own."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Write a word-level HF tokenizer (one token a digit) with a chat template to `directory` and
+    return it loaded. Words and numbers keep their leading space as "▁" ("▁apples", "▁4" "7"), so
+    decoding restores the text; punctuation marks (with their space) and line breaks are tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split("\n", behavior="isolated"),
         pre_tokenizers.Metaspace(prepend_scheme="never"),
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.Punctuation(behavior="isolated"),
+        # a digit or punctuation mark, with the space before it: " 47 + 5." -> "▁4" "7" "▁+" "▁5" "."
+        pre_tokenizers.Split(Regex("\u2581?[0-9]|\u2581?[^\\w\u2581]"), behavior="isolated"),
     ])
     tokenizer.decoder = decoders.Metaspace(prepend_scheme="never")
     trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=1)
