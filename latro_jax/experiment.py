@@ -13,6 +13,7 @@ import os
 import sys
 import typing
 
+from latro_jax.data.tasks import SPLITS
 from latro_jax.objective import ObjectiveConfig
 
 
@@ -35,11 +36,12 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-    task: str = "gsm8k"  # gsm8k | arc_challenge
+    task: str = "gsm8k"  # gsm8k | arc_challenge | arithmetic (synthetic, the demo's)
     source: str = ""  # "" = the HF hub; or a local jsonl directory
     train_split: str = "train"
     eval_split: str = "validation"
     eval_size: int = 200  # questions evaluated during training (0 = the whole split)
+    sft_target: str = "rationale"  # SFT on the gold rationale (where the task has one) or on the answer alone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,20 @@ class TrainSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class PretrainSpec:
+    """A base model trained from scratch before the run (latro_jax.pretrain; the demo's stage 1):
+    a Llama-architecture model of this size, SFT on the task's training rationales, cached."""
+
+    updates: int = 0  # 0 = none: the base model is model.checkpoint / model.hf
+    hidden_size: int = 64
+    num_layers: int = 4
+    head_dim: int = 32
+    batch: int = 64
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     name: str
     model: ModelSpec = ModelSpec()
@@ -84,6 +100,7 @@ class Experiment:
     objective: ObjectiveConfig = ObjectiveConfig(beta=0.05)
     optim: OptimSpec = OptimSpec()
     train: TrainSpec = TrainSpec()
+    pretrain: PretrainSpec = PretrainSpec()
 
     @property
     def run_dir(self) -> str:
@@ -97,13 +114,24 @@ def _check(ok: bool, field: str, value, allowed: str) -> None:
 
 def validate(exp: Experiment) -> Experiment:
     """Check every field once; the error names the field and what is allowed."""
-    m, d, r, o, t = exp.model, exp.data, exp.rollout, exp.optim, exp.train
-    _check(bool(m.checkpoint) != bool(m.hf), "model.checkpoint/model.hf", (m.checkpoint, m.hf),
-           "set exactly one: a latro-jax checkpoint directory or an HF directory / hub id")
+    m, d, r, o, t, p = exp.model, exp.data, exp.rollout, exp.optim, exp.train, exp.pretrain
+    if p.updates:
+        _check(not m.checkpoint and not m.hf, "model.checkpoint/model.hf", (m.checkpoint, m.hf),
+               "must be empty when pretrain.updates > 0 (the base model is trained from scratch)")
+        _check(p.hidden_size % p.head_dim == 0, "pretrain.hidden_size", p.hidden_size,
+               f"must be a multiple of pretrain.head_dim={p.head_dim}")
+        for field in ("num_layers", "batch", "learning_rate"):
+            _check(getattr(p, field) > 0, f"pretrain.{field}", getattr(p, field), "must be > 0")
+        _check(0 <= p.warmup_steps < p.updates, "pretrain.warmup_steps", p.warmup_steps, f"must be in [0, {p.updates})")
+    else:
+        _check(bool(m.checkpoint) != bool(m.hf), "model.checkpoint/model.hf", (m.checkpoint, m.hf),
+               "set exactly one: a latro-jax checkpoint directory or an HF directory / hub id")
+    _check(p.updates >= 0, "pretrain.updates", p.updates, "must be >= 0")
     _check(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "allowed: float32, bfloat16")
     _check(m.lora_rank >= 0, "model.lora_rank", m.lora_rank, "must be >= 0 (0 = full fine-tuning)")
     _check(m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha, "must be > 0")
-    _check(d.task in ("gsm8k", "arc_challenge"), "data.task", d.task, "allowed: gsm8k, arc_challenge")
+    _check(d.task in SPLITS, "data.task", d.task, f"allowed: {', '.join(SPLITS)}")
+    _check(d.sft_target in ("rationale", "answer"), "data.sft_target", d.sft_target, "allowed: rationale, answer")
     _check(d.eval_size >= 0, "data.eval_size", d.eval_size, "must be >= 0")
     _check(r.num_samples >= 2 or t.method == "sft", "rollout.num_samples", r.num_samples,
            "LaTRO's leave-one-out baseline needs >= 2")
@@ -173,8 +201,9 @@ def experiment_from_dict(fields: dict) -> Experiment:
     )
 
 
-def load_experiment(name: str, overrides: list[str] = (), directory: str | None = None) -> Experiment:
-    """Import `experiments/<name>.py`, call its `config()`, apply overrides, validate."""
+def experiment_module(name: str, directory: str | None = None):
+    """The module `experiments/<name>.py`. Its `config()` returns the Experiment; an optional
+    `run(exp, progress)` runs it in place of `latro_jax.train.run` (the demo's three stages)."""
     directory = directory or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
     path = os.path.join(directory, f"{name}.py")
     if not os.path.isfile(path):
@@ -185,4 +214,9 @@ def load_experiment(name: str, overrides: list[str] = (), directory: str | None 
     spec = importlib.util.spec_from_file_location(f"experiments.{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return validate(apply_overrides(module.config(), list(overrides)))
+    return module
+
+
+def load_experiment(name: str, overrides: list[str] = (), directory: str | None = None) -> Experiment:
+    """Import `experiments/<name>.py`, call its `config()`, apply overrides, validate."""
+    return validate(apply_overrides(experiment_module(name, directory).config(), list(overrides)))

@@ -33,15 +33,21 @@ from tqdm.auto import tqdm
 from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, load_model
 from latro_jax.config import ModelConfig
 from latro_jax.convert.hf import convert_hf
-from latro_jax.data.prompts import encode_answers, encode_prompts, load_tokenizer, prompt_format
+from latro_jax.data.prompts import ANSWER_TEMPLATE, encode_answers, encode_prompts, load_tokenizer, prompt_format
 from latro_jax.data.tasks import load_task
 from latro_jax.evaluate import evaluate
+from latro_jax.lora import LoraConfig, LoraRowsLoss, init_adapters, merge
 from latro_jax.experiment import Experiment, ExperimentError, OptimSpec
 from latro_jax.objective import ObjectiveConfig, rollout_advantages, surrogate_loss
+from latro_jax.pretrain import pretrained_base
 from latro_jax.sampling import SampleOutput, SamplingConfig, bucket, pad_prompts, sample
 from latro_jax.scoring import continuation_logprobs, masked_sum, token_logprobs
 
 ANSWER_BUCKETS = (16, 32, 64, 128, 256)
+merge_jit = jax.jit(merge, static_argnums=0)
+# SFT rows pad to a power of two or 1.5 times one: at most a third of a row is padding (not half),
+# for about twice the programs of powers of two alone.
+SFT_BUCKETS = tuple(sorted({b for p in range(4, 14) for b in (2**p, 3 * 2 ** (p - 1))}))
 
 
 class Rollout(NamedTuple):
@@ -271,12 +277,21 @@ def stop_requests():
             signal.signal(s, handler)
 
 
-def load_policy(exp: Experiment) -> tuple[ModelConfig, nnx.State, str]:
-    """The starting weights (float32 master params, compute dtype from the experiment) and the
-    directory holding the tokenizer files."""
+def commit(tree):
+    """Each array committed to the device(s) it is on, as `update`'s outputs are: otherwise the
+    second update sees different input shardings and compiles again."""
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding), tree)
+
+
+def load_policy(exp: Experiment, progress: bool = True) -> tuple[ModelConfig, nnx.State, str]:
+    """The starting weights and the directory holding the tokenizer files. The compute dtype is
+    the experiment's; params are float32 master weights, except a LoRA run's frozen base, which
+    is stored in the compute dtype (only the adapters train)."""
     spec = exp.model
     checkpoint = spec.checkpoint
-    if spec.hf:
+    if exp.pretrain.updates:
+        checkpoint = pretrained_base(exp, progress)
+    elif spec.hf:
         checkpoint = os.path.join(exp.run_dir, "base_model")
         if not os.path.isdir(checkpoint):
             convert_hf(spec.hf, checkpoint, param_dtype="float32")
@@ -286,7 +301,7 @@ def load_policy(exp: Experiment) -> tuple[ModelConfig, nnx.State, str]:
             f"(`make convert SRC=<HF dir or hub id> OUT={checkpoint}`), or set model.hf=<HF dir or hub id> "
             "to convert on first use"
         )
-    config, params = load_model(checkpoint, dtype=spec.dtype, param_dtype="float32")
+    config, params = load_model(checkpoint, dtype=spec.dtype, param_dtype=spec.dtype if spec.lora_rank else "float32")
     return config, params, spec.tokenizer or os.path.join(checkpoint, HF_DIR)
 
 
@@ -383,7 +398,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(exp), f, indent=1)
-    config, params, tokenizer_dir = load_policy(exp)
+    config, params, tokenizer_dir = load_policy(exp, progress)
     tokenizer = tokenizer or load_tokenizer(tokenizer_dir)
     fmt = prompt_format(tokenizer)
     source = exp.data.source or None
@@ -399,13 +414,25 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
         (prompt,) = encode_prompts(tokenizer, fmt, [example.question])
         if not sft:
             return prompt, encode_answers(tokenizer, fmt, [example.answer])[0]
-        target = example.rationale if example.rationale is not None else f"The answer is {example.answer}."
+        use_rationale = exp.data.sft_target == "rationale" and example.rationale is not None
+        target = example.rationale if use_rationale else ANSWER_TEMPLATE.format(answer=example.answer)
         return prompt, tokenizer.encode(target + fmt.end_token, add_special_tokens=False)
 
     t = exp.train
     optimizer = make_optimizer(exp.optim, t.updates)
-    ref_params = None if sft else jax.tree.map(jnp.copy, params)
-    opt_state = optimizer.init(params)
+    lora = LoraConfig(exp.model.lora_rank, exp.model.lora_alpha) if exp.model.lora_rank else None
+    if lora:  # `params` are the trained adapters; the frozen base is also pi_0, so no copy is kept
+        base = params
+        params = init_adapters(config, lora, jax.random.fold_in(jax.random.key(t.seed), 2**31 - 2))
+        ref_params = None if sft else base
+    else:
+        base = None
+        ref_params = None if sft else jax.tree.map(jnp.copy, params)
+    params, opt_state = commit((params, optimizer.init(params)))
+
+    def policy(trained):
+        """The full params the model runs with: the base with the adapters merged, under LoRA."""
+        return merge_jit(lora, base, trained) if lora else trained
     sampling = SamplingConfig(
         max_new_tokens=exp.rollout.max_new_tokens, temperature=exp.rollout.temperature,
         num_samples=exp.rollout.num_samples, stop_token_ids=fmt.stop_token_ids,
@@ -442,7 +469,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
             best.save(at, args=_checkpoint_args(state, meta), metrics={"greedy_accuracy": eval_metrics["greedy_accuracy"]})
 
     def run_eval(at: int) -> dict:
-        result = evaluate(config, params, tokenizer, fmt, eval_set, exp.data.task, exp.rollout.max_new_tokens,
+        result = evaluate(config, policy(params), tokenizer, fmt, eval_set, exp.data.task, exp.rollout.max_new_tokens,
                           t.maj_k, jax.random.fold_in(eval_key, at), progress=progress)
         with open(os.path.join(run_dir, f"eval_{at}.json"), "w") as f:
             json.dump(result, f, indent=1)
@@ -459,11 +486,11 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                 batch_prompts, batch_targets = (list(x) for x in zip(*(encoded(int(i)) for i in indices)))
                 started = time.perf_counter()
                 if sft:
-                    slots = bucket(max(len(p) + len(c) for p, c in zip(batch_prompts, batch_targets)), sampling.prompt_buckets)
+                    slots = bucket(max(len(p) + len(c) for p, c in zip(batch_prompts, batch_targets)), SFT_BUCKETS)
                     rows = sft_rows(batch_prompts, batch_targets, fmt.pad_token_id, slots)
                     rows_loss, rollout_metrics, score_from = sft_rows_loss, {}, 1
                 else:
-                    scored, out = rollout(config, exp.objective, sampling, params, ref_params, batch_prompts,
+                    scored, out = rollout(config, exp.objective, sampling, policy(params), ref_params, batch_prompts,
                                           batch_targets, jax.random.fold_in(key, step))
                     rows = dict(tokens=scored.tokens, attention_mask=scored.attention_mask,
                                 rationale_mask=scored.rationale_mask, answer_mask=scored.answer_mask,
@@ -471,8 +498,10 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                     rows_loss, rollout_metrics, score_from = latro_rows_loss, scored.metrics, int(out.prompt_slots)
                     last_rollout = (scored, out)
                 update_started = time.perf_counter()
+                if lora:
+                    rows_loss = LoraRowsLoss(rows_loss, lora)
                 params, opt_state, update_metrics = update(
-                    config, exp.objective, optimizer, t.micro_batch, rows_loss, score_from, params, opt_state, rows
+                    config, exp.objective, optimizer, t.micro_batch, rows_loss, score_from, params, opt_state, rows, base
                 )
                 jax.block_until_ready(update_metrics["loss"])
                 now = time.perf_counter()
@@ -510,4 +539,4 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
             best.close()
             bar.close()
             log.close()
-    return {"step": step, "params": params, **metrics}
+    return {"step": step, "params": policy(params), **metrics}

@@ -24,6 +24,7 @@ def load(model: str, dtype: str):
     from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, load_model
     from latro_jax.convert.hf import convert_hf
     from latro_jax.experiment import experiment_from_dict
+    from latro_jax.lora import LoraConfig, abstract_adapters, merge
     from latro_jax.train import load_policy, make_optimizer
 
     if os.path.isfile(os.path.join(model, CONFIG_FILE)):
@@ -33,13 +34,18 @@ def load(model: str, dtype: str):
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(model)))
         with open(os.path.join(run_dir, "config.json")) as f:
             exp = experiment_from_dict(json.load(f))
-        config, params, tokenizer_dir = load_policy(exp)
+        config, base, tokenizer_dir = load_policy(exp)
+        lora = LoraConfig(exp.model.lora_rank, exp.model.lora_alpha) if exp.model.lora_rank else None
+        trained = abstract_adapters(config, lora) if lora else base  # a LoRA run saves its adapters
         optimizer = make_optimizer(exp.optim, exp.train.updates)
-        abstract = jax.eval_shape(lambda: {"params": params, "opt_state": optimizer.init(params)})
+        abstract = jax.eval_shape(lambda: {"params": trained, "opt_state": optimizer.init(trained)})
         with ocp.CheckpointManager(os.path.dirname(os.path.abspath(model)), item_names=("state",)) as manager:
             restored = manager.restore(int(os.path.basename(model)),
                                        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-        return config.replace(dtype=dtype), restored.state["params"], tokenizer_dir
+        params = restored.state["params"]
+        if lora:
+            params = jax.jit(merge, static_argnums=0)(lora, base, params)
+        return config.replace(dtype=dtype), params, tokenizer_dir
     converted = os.path.join(tempfile.mkdtemp(prefix="latro-eval-"), "model")
     convert_hf(model, converted)
     config, params = load_model(converted, dtype=dtype)
@@ -49,7 +55,7 @@ def load(model: str, dtype: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
-    parser.add_argument("--task", choices=["gsm8k", "arc_challenge"], required=True)
+    parser.add_argument("--task", choices=["gsm8k", "arc_challenge", "arithmetic"], required=True)
     parser.add_argument("--split", default="test")
     parser.add_argument("--source", default=None, help="local jsonl directory (default: the HF hub)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: the model's)")

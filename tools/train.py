@@ -18,20 +18,22 @@ def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print(__doc__)
         sys.exit(0 if len(sys.argv) >= 2 else 2)
-    from latro_jax.experiment import load_experiment
+    from latro_jax.experiment import experiment_module, load_experiment
     from latro_jax.train import Interrupted, run
 
     exp = load_experiment(sys.argv[1], sys.argv[2:])
+    runner = getattr(experiment_module(sys.argv[1]), "run", run)  # the demo runs its three stages
     try:
-        result = run(exp)
+        result = runner(exp)
     except Interrupted as e:
         print(f"\n{exp.name}: {e}", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
         print(f"\n{exp.name}: aborted without saving; {exp.run_dir}/checkpoints holds the latest save", file=sys.stderr)
         sys.exit(130)
-    summary = {k: round(v, 4) for k, v in result.items() if k.endswith("accuracy")}
-    print(f"{exp.name}: {result['step']} updates in {exp.run_dir} {summary}")
+    if runner is run:
+        summary = {k: round(v, 4) for k, v in result.items() if k.endswith("accuracy")}
+        print(f"{exp.name}: {result['step']} updates in {exp.run_dir} {summary}")
 
 
 if __name__ == "__main__":
