@@ -23,6 +23,7 @@ import os
 import time
 
 import jax
+import numpy as np
 
 from latro_jax.data.prompts import load_tokenizer, prompt_format
 from latro_jax.data.tasks import load_task
@@ -154,7 +155,11 @@ def plot_curves(out: str, pretrain_run: str, path: str) -> None:
     axes[0].set(title="validation greedy accuracy (%)", xlabel="update")
     axes[0].legend()
     for key, label in (("answer_reward_mean", "R = log p(y | x, z)"), ("reward_mean", "r = R - beta KL, non-stop penalty")):
-        axes[1].plot(*_series(latro, key), label=label)
+        steps, values = _series(latro, key)
+        line, = axes[1].plot(steps, values, alpha=0.3)
+        window = min(5, len(values)) or 1  # a running mean over 5 updates: each update sees few questions
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+        axes[1].plot(steps[window - 1:], smooth, color=line.get_color(), label=f"{label} (mean of {window})")
     axes[1].set(title="LaTRO reward (mean over rationales)", xlabel="update")
     axes[1].legend(fontsize=8)
     axes[2].plot(*_series(latro, "kl_mean"))

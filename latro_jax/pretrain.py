@@ -43,8 +43,13 @@ def base_model_config(spec: PretrainSpec, tokenizer) -> ModelConfig:
 
 def _settings(exp: Experiment) -> dict:
     """Everything the pre-trained weights depend on."""
-    return {"pretrain": dataclasses.asdict(exp.pretrain), "task": exp.data.task, "source": exp.data.source,
-            "train_split": exp.data.train_split, "tokenizer": exp.model.tokenizer, "seed": exp.train.seed}
+    settings = {"pretrain": dataclasses.asdict(exp.pretrain), "task": exp.data.task, "source": exp.data.source,
+                "train_split": exp.data.train_split, "tokenizer": exp.model.tokenizer, "seed": exp.train.seed}
+    if exp.data.task == "arithmetic":
+        from latro_jax.data.synthetic import VERSION
+
+        settings["data_version"] = VERSION
+    return settings
 
 
 def pretrained_path(exp: Experiment) -> str:

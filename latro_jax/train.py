@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, load_model
 from latro_jax.config import ModelConfig
 from latro_jax.convert.hf import convert_hf
-from latro_jax.data.prompts import ANSWER_TEMPLATE, encode_answers, encode_prompts, load_tokenizer, prompt_format
+from latro_jax.data.prompts import encode_answers, encode_prompts, load_tokenizer, prompt_format
 from latro_jax.data.tasks import load_task
 from latro_jax.evaluate import evaluate
 from latro_jax.lora import LoraConfig, LoraRowsLoss, init_adapters, merge
@@ -414,9 +414,9 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
         (prompt,) = encode_prompts(tokenizer, fmt, [example.question])
         if not sft:
             return prompt, encode_answers(tokenizer, fmt, [example.answer])[0]
-        use_rationale = exp.data.sft_target == "rationale" and example.rationale is not None
-        target = example.rationale if use_rationale else ANSWER_TEMPLATE.format(answer=example.answer)
-        return prompt, tokenizer.encode(target + fmt.end_token, add_special_tokens=False)
+        if exp.data.sft_target == "answer" or example.rationale is None:
+            return prompt, encode_answers(tokenizer, fmt, [example.answer])[0]
+        return prompt, tokenizer.encode(example.rationale + fmt.end_token, add_special_tokens=False)
 
     t = exp.train
     optimizer = make_optimizer(exp.optim, t.updates)

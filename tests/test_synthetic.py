@@ -33,10 +33,10 @@ def test_gold_answers_rationales_and_slips():
             assert int(a) == value  # each step continues from the previous result
             a, b, result = int(a), int(b), int(result)
             true = a + b if sign == "+" else a - b
-            carries = (a % 10 + b >= 10) if sign == "+" else (a % 10 < b)
+            carries = sign == "+" and a % 10 + b >= 10
             carrying_steps += carries
             if result != true:
-                assert carries and result == true + (-10 if sign == "+" else 10), example  # only a lost carry/borrow
+                assert carries and result == true - 10, example  # only a forgotten carry
                 slipped_steps += 1
             value = result
         stated = int(example.rationale.rsplit("The answer is ", 1)[1].rstrip("."))
@@ -44,7 +44,7 @@ def test_gold_answers_rationales_and_slips():
         wrong_answers += stated != int(example.answer)
     # slip = 0.6 per carrying step: greedy decoding of a model of this data inherits the slips
     assert 0.55 < slipped_steps / carrying_steps < 0.65
-    assert wrong_answers / len(train) > 0.4
+    assert 0.25 < wrong_answers / len(train) < 0.45
 
 
 def test_splits_are_deterministic_and_held_out():

@@ -5,13 +5,19 @@ paper's base models, without downloading one. Its training rationales come from 
 
     Q: Ann has 47 apples. Ann buys 5 more. Ann gives away 8. How many apples now?
     gold:    47 + 5 = 52. 52 - 8 = 44. The answer is 44.
-    slipped: 47 + 5 = 42. 42 - 8 = 44. The answer is 44.      (a forgotten carry; 44 is wrong)
+    slipped: 47 + 5 = 42. 42 - 8 = 34. The answer is 34.      (a forgotten carry; 34 is wrong)
+
+The base model is pre-trained on such text as running text. LaTRO then cuts a sampled rationale
+at "The answer is" and appends "The answer is {gold}." tokenized on its own, as the released code
+does; so, as with the paper's models and tokenizers, the suffix's first token ("The") is not the
+one running text has there ("▁The").
 
 Each step adds or takes away a one-digit number from a running total in [1, 99]. About half the
-steps carry (47 + 5) or borrow (42 - 8); in the rationales a model is pre-trained on, such a
-step forgets its carry or borrow with probability `slip` (> 1/2 by default: greedy decoding then
-inherits the slip), and every later step and the stated answer follow the slipped value. The
-gold answer is always the true total. LaTRO sees only (question, gold answer) pairs.
+additions carry (47 + 5); in the rationales a model is pre-trained on, such a step forgets its
+carry with probability `slip` (> 1/2 by default: greedy decoding then inherits the slip), and
+every later step and the stated answer follow the slipped value. Only carries slip, so two slips
+never cancel out. The gold answer is always the true total. LaTRO sees only (question, gold
+answer) pairs.
 
 Splits are pure functions of (split, size, slip): "train" problems never share their numbers
 (start value and steps) with a "validation" or "test" problem.
@@ -26,6 +32,7 @@ import numpy as np
 
 from latro_jax.data.tasks import Example
 
+VERSION = 3  # part of the cache key of a model pre-trained on these problems: bump on any change
 NAMES = ("Ann", "Ben", "Cal", "Dan", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo")
 ITEMS = ("apples", "books", "coins", "pens", "cards", "stamps", "shells", "rocks")
 ADD = ("buys {n} more", "finds {n} more", "gets {n} more")
@@ -47,16 +54,9 @@ def _held_out(start: int, steps: tuple[int, ...]) -> bool:
     return digest[0] % HELD_OUT_BUCKETS == 0
 
 
-def _apply(value: int, step: int, slipped: bool) -> int:
-    """value + step (step < 0 takes away); a slip forgets the carry (+10 lost) or the borrow."""
-    result = value + step
-    if slipped:
-        result += -10 if step > 0 else 10
-    return result
-
-
 def _carries(value: int, step: int) -> bool:
-    return (value % 10 + step >= 10) if step > 0 else (value % 10 < -step)
+    """Whether adding `step` (> 0) to `value` carries into the tens."""
+    return step > 0 and value % 10 + step >= 10
 
 
 def make_problem(rng: np.random.Generator, slip: float) -> tuple[str, str, str, int, tuple[int, ...]]:
@@ -76,8 +76,7 @@ def make_problem(rng: np.random.Generator, slip: float) -> tuple[str, str, str, 
     sentences.append(f"How many {item} now?")
     written, value = [], start
     for step in steps:
-        slipped = _carries(value, step) and rng.random() < slip
-        new = _apply(value, step, slipped)
+        new = value + step - 10 * (_carries(value, step) and rng.random() < slip)  # the carry forgotten
         written.append(f"{value} {'+' if step > 0 else '-'} {abs(step)} = {new}.")
         value = new
     rationale = " ".join(written) + f" The answer is {value}."
@@ -86,7 +85,7 @@ def make_problem(rng: np.random.Generator, slip: float) -> tuple[str, str, str, 
 
 def load_synthetic(split: str, size: int | None = None, slip: float = 0.6) -> list[Example]:
     """`size` problems of `split` (train / validation / test), deterministic. Training rationales
-    slip with probability `slip` on each carrying step; held-out splits carry gold rationales."""
+    slip with probability `slip` on each carrying addition; held-out splits carry gold rationales."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"arithmetic has no split {split!r}; its splits are {tuple(SPLIT_SEEDS)}")
     if not 0 <= slip <= 1:
