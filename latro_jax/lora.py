@@ -78,6 +78,11 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
+def lora_config(model) -> LoraConfig | None:
+    """The LoRA config an experiment's `ModelSpec` asks for (`lora_rank` > 0), else None."""
+    return LoraConfig(model.lora_rank, model.lora_alpha) if model.lora_rank else None
+
+
 def _adapted_weights(config: ModelConfig, lora: LoraConfig) -> list[tuple[tuple, int]]:
     """(path of an adapted weight in the params, e.g. ("layers", 0, "attn", "q_proj"), its number
     of input dims), in a fixed order."""

@@ -36,7 +36,7 @@ from latro_jax.convert.hf import convert_hf
 from latro_jax.data.prompts import encode_answers, encode_prompts, load_tokenizer, prompt_format
 from latro_jax.data.tasks import load_task
 from latro_jax.evaluate import evaluate
-from latro_jax.lora import LoraConfig, LoraRowsLoss, init_adapters, merge
+from latro_jax.lora import LoraRowsLoss, init_adapters, lora_config, merge
 from latro_jax.experiment import Experiment, ExperimentError, OptimSpec
 from latro_jax.objective import ObjectiveConfig, rollout_advantages, surrogate_loss
 from latro_jax.pretrain import pretrained_base
@@ -420,7 +420,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
 
     t = exp.train
     optimizer = make_optimizer(exp.optim, t.updates)
-    lora = LoraConfig(exp.model.lora_rank, exp.model.lora_alpha) if exp.model.lora_rank else None
+    lora = lora_config(exp.model)
     if lora:  # `params` are the trained adapters; the frozen base is also pi_0, so no copy is kept
         base = params
         params = init_adapters(config, lora, jax.random.fold_in(jax.random.key(t.seed), 2**31 - 2))

@@ -24,7 +24,7 @@ def load(model: str, dtype: str):
     from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, load_model
     from latro_jax.convert.hf import convert_hf
     from latro_jax.experiment import experiment_from_dict
-    from latro_jax.lora import LoraConfig, abstract_adapters, merge
+    from latro_jax.lora import abstract_adapters, lora_config, merge
     from latro_jax.train import load_policy, make_optimizer
 
     if os.path.isfile(os.path.join(model, CONFIG_FILE)):
@@ -35,7 +35,7 @@ def load(model: str, dtype: str):
         with open(os.path.join(run_dir, "config.json")) as f:
             exp = experiment_from_dict(json.load(f))
         config, base, tokenizer_dir = load_policy(exp)
-        lora = LoraConfig(exp.model.lora_rank, exp.model.lora_alpha) if exp.model.lora_rank else None
+        lora = lora_config(exp.model)
         trained = abstract_adapters(config, lora) if lora else base  # a LoRA run saves its adapters
         optimizer = make_optimizer(exp.optim, exp.train.updates)
         abstract = jax.eval_shape(lambda: {"params": trained, "opt_state": optimizer.init(trained)})
