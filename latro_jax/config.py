@@ -46,7 +46,8 @@ class ModelConfig:
     """Architecture of a decoder-only transformer of the Llama family.
 
     `sliding_windows` has one entry per layer: the window in tokens, or None for full attention.
-    `dtype` is the compute dtype, `param_dtype` the dtype parameters are stored in.
+    `dtype` is the compute dtype, `param_dtype` the dtype parameters are stored in. `remat`
+    trades compute for memory in gradients: each layer keeps only its input for the backward pass.
     """
 
     model_type: str
@@ -70,6 +71,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: bool = False  # recompute each layer in the backward pass instead of keeping its activations
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:

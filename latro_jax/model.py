@@ -169,7 +169,9 @@ def _attend(q, k, v, q_pos, k_pos, window: int | None) -> jax.Array:
     q = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
     allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
-    if window is not None:
+    if isinstance(window, jax.Array):  # a layer of a scan: 0 = full attention
+        allowed &= (window <= 0) | (k_pos[:, None, :] > q_pos[:, :, None] - window)
+    elif window is not None:
         allowed &= k_pos[:, None, :] > q_pos[:, :, None] - window
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -209,6 +211,65 @@ def _mlp(mlp: MLP, x: jax.Array) -> jax.Array:
     return (jax.nn.silu(gate) * up) @ mlp.down_proj[...].astype(dtype)
 
 
+def _compute_weights(weights: nnx.State, dtype, leading: tuple = ()) -> nnx.State:
+    """A layer's matrices cast to the compute dtype on each device's shard (pinned to the params'
+    own sharding, so an fsdp all-gather moves compute-dtype bytes); vectors (norms) as they are.
+    `leading`: logical names of extra leading dimensions (the layer axis of stacked weights)."""
+    axes = nnx.get_partition_spec(weights)
+    return jax.tree.map(
+        lambda w, a: constrain(w.astype(dtype), leading + tuple(a)) if w.ndim >= 2 + len(leading) else w, weights, axes
+    )
+
+
+def _fence(x: jax.Array, weights: nnx.State, dtype) -> tuple[jax.Array, nnx.State]:
+    """A layer's weights in the compute dtype, released no earlier than the layer's input `x` (an
+    optimization barrier): XLA may not gather every layer's weights up front, nor hoist them out
+    of the sampler's decode loop. Pinned on both sides of the barrier, or sharding propagation may
+    gather before it. An identity on the values."""
+    x, weights = jax.lax.optimization_barrier((x, _compute_weights(weights, dtype)))
+    return x, _compute_weights(weights, dtype)
+
+
+def _decoder_layer(config: ModelConfig, window, layer_def, weights, x, cos, sin, q_pos, k_pos, cache_kv, index):
+    """One layer: x + attention, then + MLP; the layer's cache entry (None without a cache).
+    `window`: the layer's sliding window (None = full attention; a traced int, 0 = full)."""
+    layer = nnx.merge(layer_def, weights)
+    attn_out, cache_kv = _attention_block(
+        layer.attn, config, layer.input_norm(x), cos, sin, q_pos, k_pos, cache_kv, index, window
+    )
+    x = x + attn_out
+    return constrain(x + _mlp(layer.mlp, layer.post_attn_norm(x)), HIDDEN), cache_kv
+
+
+def _split_weights() -> bool:
+    """Whether the params are split over devices (a mesh with fsdp or tensor > 1): then the layers
+    without a cache run as a scan. On one device the unrolled loop needs no stacked copy."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and any(mesh.shape.get(axis, 1) > 1 for axis in ("fsdp", "tensor"))
+
+
+def _scan_layers(config: ModelConfig, layers, x, cos, sin, q_pos) -> jax.Array:
+    """Every layer without a cache (training and scoring forwards) as one `lax.scan` over the
+    layers' stacked weights: under fsdp each step gathers one layer's weights, so one layer's are
+    alive at a time (an unrolled loop lets XLA gather them all up front); with `config.remat` the
+    backward pass recomputes each layer from its input, the only activation kept per layer."""
+    dtype = jnp.dtype(config.dtype)
+    layer_def = nnx.split(layers[0])[0]
+    weights = [_compute_weights(nnx.state(layer), dtype) for layer in layers]
+    stacked = _compute_weights(jax.tree.map(lambda *w: jnp.stack(w), *weights), dtype, leading=(None,))
+    windows = jnp.array([w or 0 for w in config.sliding_windows], jnp.int32)
+
+    def body(x, layer):
+        layer_weights, window = layer
+        x, _ = _decoder_layer(config, window, layer_def, layer_weights, x, cos, sin, q_pos, q_pos, None, None)
+        return x, None
+
+    if config.remat:
+        body = jax.checkpoint(body, prevent_cse=False)  # prevent_cse is unneeded under scan
+    x, _ = jax.lax.scan(body, x, (stacked, windows))
+    return x
+
+
 def hidden_states(
     config: ModelConfig,
     params: nnx.State,
@@ -241,23 +302,24 @@ def hidden_states(
     # weights and all-reduce every norm.
     table = constrain(model.embed[...], ("vocab", None))
     x = constrain(table[tokens].astype(dtype), HIDDEN)  # gather, then cast: never the whole table
+    if cache is None and _split_weights():
+        return model.final_norm(_scan_layers(config, model.layers, x, cos, sin, q_pos)), None
     new_k, new_v = [], []
     for i, layer in enumerate(model.layers):
-        cache_kv = None if cache is None else (cache.k[i], cache.v[i])
-        index = None if cache is None else cache.index
-        attn_out, cache_kv = _attention_block(
-            layer.attn, config, layer.input_norm(x), cos, sin, q_pos, k_pos, cache_kv, index,
-            config.sliding_windows[i],
-        )
-        x = x + attn_out
-        x = constrain(x + _mlp(layer.mlp, layer.post_attn_norm(x)), HIDDEN)
-        if cache is not None:
-            new_k.append(cache_kv[0])
-            new_v.append(cache_kv[1])
-    x = model.final_norm(x)
-    if cache is not None:
-        cache = KVCache(tuple(new_k), tuple(new_v), k_pos, cache.index + tokens.shape[1])
-    return x, cache
+        layer_def, weights = nnx.split(layer)
+        x, weights = _fence(x, weights, dtype)
+        step = functools.partial(_decoder_layer, config, config.sliding_windows[i], layer_def)
+        if cache is None:
+            if config.remat:  # the backward pass recomputes the layer from its input
+                step = jax.checkpoint(step)
+            x, _ = step(weights, x, cos, sin, q_pos, k_pos, None, None)
+            continue
+        x, (k, v) = step(weights, x, cos, sin, q_pos, k_pos, (cache.k[i], cache.v[i]), cache.index)
+        new_k.append(k)
+        new_v.append(v)
+    if cache is None:
+        return model.final_norm(x), None
+    return model.final_norm(x), KVCache(tuple(new_k), tuple(new_v), k_pos, cache.index + tokens.shape[1])
 
 
 def lm_head_weight(config: ModelConfig, params: nnx.State) -> jax.Array:

@@ -23,6 +23,9 @@ from latro_jax.config import ModelConfig
 from latro_jax.model import KVCache, hidden_states, lm_head_weight, positions_from_mask
 
 
+LOGITS_BYTES = 2**30  # the most float32 logits one chunk computes at once (the whole batch, all devices)
+
+
 def _chunk_logprobs(head: jax.Array, hidden: jax.Array, targets: jax.Array) -> jax.Array:
     """head [hidden, vocab]; hidden [batch, chunk, hidden]; targets [batch, chunk] -> [batch, chunk] f32."""
     logits = jnp.einsum("bcd,dv->bcv", hidden, head, preferred_element_type=jnp.float32)
@@ -44,7 +47,9 @@ def _next_token_logprobs(
     whose target or conditioning token is padding are 0.
     """
     batch, length = tokens.shape[0], tokens.shape[1] - 1
-    chunk = max(1, min(chunk_size, length))  # a short continuation is one small chunk, not one padded to chunk_size
+    # A short continuation is one small chunk, not one padded to chunk_size; a wide batch takes
+    # fewer positions a chunk, so that one chunk's float32 logits stay within LOGITS_BYTES.
+    chunk = max(1, min(chunk_size, length, LOGITS_BYTES // (4 * batch * config.vocab_size)))
     num_chunks = -(-length // chunk)
     pad = num_chunks * chunk - length
     # [num_chunks, batch, chunk, ...]: scan runs over the leading axis.
@@ -79,7 +84,8 @@ def token_logprobs(
     Entry t is log p(tokens[:, t] | tokens[:, :t]). It is 0 where nothing real precedes the token
     (column 0, the first real token of a left-padded row) and on padding, so sums over a mask
     such as `rationale_mask` count real predictions only. Differentiable w.r.t. params.
-    `chunk_size` (static) is the number of positions whose logits exist at once. `score_from`
+    `chunk_size` (static) is the most positions whose logits exist at once (fewer when the batch
+    times `chunk_size` positions of logits would exceed LOGITS_BYTES). `score_from`
     (static) skips the LM head for targets before that slot (their entries are 0): LaTRO needs
     no log-probs of the prompt, often half the sequence.
     """
