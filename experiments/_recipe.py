@@ -22,12 +22,12 @@ def latro(name: str, model: str, task: str) -> Experiment:
     recipe = TASKS[task]
     return Experiment(
         name=name,
-        model=ModelSpec(hf=MODELS[model], dtype="bfloat16"),
+        model=ModelSpec(hf=MODELS[model], dtype="bfloat16", remat=True),
         data=DataSpec(task=task),
         rollout=RolloutSpec(num_samples=16, max_new_tokens=500, temperature=1.0),
         objective=ObjectiveConfig(beta=recipe["beta"], sft_coef=0.0),
         optim=OptimSpec(learning_rate=5e-7, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0),
-        train=TrainSpec(method="latro", questions_per_update=24, micro_batch=4, updates=recipe["updates"]),
+        train=TrainSpec(method="latro", questions_per_update=24, micro_batch=4, score_batch=16, updates=recipe["updates"]),
     )
 
 

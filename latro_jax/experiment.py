@@ -32,6 +32,7 @@ class ModelSpec:
     dtype: str = "bfloat16"  # compute dtype; params are always float32 while training
     lora_rank: int = 0  # 0 = full fine-tuning; r > 0 trains rank-r adapters on a frozen base (latro_jax.lora)
     lora_alpha: float = 16.0  # the adapters' delta is scaled by lora_alpha / lora_rank
+    remat: bool = False  # gradients recompute each layer's activations (less memory, ~1/3 more compute)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,8 @@ class TrainSpec:
     method: str = "latro"  # latro | sft
     questions_per_update: int = 24
     micro_batch: int = 4  # rows per forward+backward; the update accumulates over all of them
+    score_batch: int = 0  # rows per reference forward when scoring a rollout; 0 = all rows at once
+    rollout_batch: int = 0  # questions sampled and scored at a time (their KV cache); 0 = all at once
     updates: int = 117
     seed: int = 0
     eval_every: int = 20
@@ -145,6 +148,13 @@ def validate(exp: Experiment) -> Experiment:
     rows = t.questions_per_update * (r.num_samples if t.method == "latro" else 1)
     _check(t.micro_batch >= 1 and rows % t.micro_batch == 0, "train.micro_batch", t.micro_batch,
            f"must divide the {rows} rows of an update")
+    # 0, or at least the whole, means all at once; a smaller chunk must divide the whole
+    chunk = min(t.rollout_batch or t.questions_per_update, t.questions_per_update)
+    _check(t.rollout_batch >= 0 and t.questions_per_update % chunk == 0, "train.rollout_batch", t.rollout_batch,
+           f"must be 0 (all at once) or divide train.questions_per_update={t.questions_per_update}")
+    scored = chunk * r.num_samples  # rows scored at a time
+    _check(t.score_batch >= 0 and scored % min(t.score_batch or scored, scored) == 0, "train.score_batch",
+           t.score_batch, f"must be 0 (all rows at once) or divide the {scored} rows scored at a time")
     _check(t.updates >= 1, "train.updates", t.updates, "must be >= 1")
     for field in ("eval_every", "save_every", "keep_last", "maj_k"):
         _check(getattr(t, field) >= 1, f"train.{field}", getattr(t, field), "must be >= 1")

@@ -42,6 +42,7 @@ from latro_jax.objective import ObjectiveConfig, rollout_advantages, surrogate_l
 from latro_jax.pretrain import pretrained_base
 from latro_jax.sampling import SampleOutput, SamplingConfig, bucket, pad_prompts, sample
 from latro_jax.scoring import continuation_logprobs, masked_sum, token_logprobs
+from latro_jax.sharding import constrain
 
 ANSWER_BUCKETS = (16, 32, 64, 128, 256)
 merge_jit = jax.jit(merge, static_argnums=0)
@@ -89,11 +90,39 @@ def pack_sequences(prompt_tokens, prompt_mask, rationale, rationale_lengths, ans
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def score_rollout(
+def micro_batches(rows, micro_batch: int):
+    """Rows [N, ...] -> [N // micro_batch, micro_batch, ...], micro-batch j holding rows j, j + M,
+    j + 2M, ... (M = N // micro_batch). Strided, not consecutive: with rows split over devices
+    (blocks of consecutive rows), every micro-batch takes its share from each device, so each scan
+    step keeps all devices busy instead of one."""
+    def split(x):
+        x = x.reshape(micro_batch, x.shape[0] // micro_batch, *x.shape[1:]).swapaxes(0, 1)
+        return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, rows)
+
+
+def unmicro_batches(values):
+    """The inverse of `micro_batches`: [M, micro_batch, ...] -> [N, ...] in the original row order."""
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), values)
+
+
+class RowScores(NamedTuple):
+    """What the advantages of sampled rows are computed from, all [N]: log pi(z|x) (the sampler's),
+    log pi_0(z|x), R = log pi(y|x+z), the log-prob of the last context token (for
+    `reference_compat`), whether the row stopped, and the rationale's length."""
+
+    policy: jax.Array
+    reference: jax.Array
+    answer: jax.Array
+    last_context: jax.Array
+    finished: jax.Array
+    lengths: jax.Array
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("score_batch",))
+def score_rows(
     config: ModelConfig,
-    objective: ObjectiveConfig,
-    k: int,
     params: nnx.State,
     ref_params: nnx.State,
     out: SampleOutput,
@@ -101,13 +130,16 @@ def score_rollout(
     prompt_mask: jax.Array,
     answers: jax.Array,
     answer_lengths: jax.Array,
-) -> Rollout:
-    """Steps 2-3 of the update, and the advantages. prompt_tokens/mask [N, P] as sampled;
-    answers [N, A] right-padded with `answer_lengths` [N] (each question's repeated K times)."""
+    score_batch: int = 0,
+) -> tuple[tuple[jax.Array, ...], RowScores]:
+    """Steps 2-3 of the update for sampled rows: (tokens, attention_mask, rationale_mask,
+    answer_mask) of the packed rows, and their RowScores. prompt_tokens/mask [N, P] as sampled;
+    answers [N, A] right-padded with `answer_lengths` [N] (each question's repeated K times).
+    `score_batch` (static): rows per reference forward (`micro_batches`, one after another, so
+    that one forward's activations and attention scores are alive at a time); 0 = all N at once."""
     pad_id = 0
-    tokens, attention_mask, rationale_mask, answer_mask = pack_sequences(
-        prompt_tokens, prompt_mask, out.tokens, out.lengths, answers, answer_lengths, pad_id
-    )
+    packed = pack_sequences(prompt_tokens, prompt_mask, out.tokens, out.lengths, answers, answer_lengths, pad_id)
+    tokens, attention_mask, rationale_mask, _ = packed
     n, p = prompt_tokens.shape
     a = answers.shape[1]
     # Continue the cache from the last two context tokens: the first re-fed token's hidden state
@@ -121,19 +153,36 @@ def score_rollout(
     cont_mask = jnp.concatenate([ctx_mask, jnp.arange(a)[None] < answer_lengths[:, None]], axis=1)
     cont_positions = last_position[:, None] - 1 + jnp.arange(a + 2)[None]
     cont_logprobs, _ = continuation_logprobs(config, params, out.cache, cont_tokens, cont_positions, cont_mask)
-    last_context_logprob = cont_logprobs[:, 0]
-    answer_reward = masked_sum(cont_logprobs[:, 1:], cont_mask[:, 2:])
 
     context = p + out.tokens.shape[1]
-    ref_logprobs = token_logprobs(config, ref_params, tokens[:, :context], attention_mask[:, :context], score_from=p)
-    ref_sums = masked_sum(ref_logprobs, rationale_mask[:, :context])
-    policy_sums = jnp.sum(out.logprobs, axis=1)
-    advantages, rewards, metrics = rollout_advantages(
-        objective, k, policy_sums, ref_sums, answer_reward, out.finished, last_context_logprob
+
+    def reference_sums(rows):
+        logprobs = token_logprobs(config, ref_params, rows[0], rows[1], score_from=p)
+        return masked_sum(logprobs, rows[2])
+
+    ref_rows = (tokens[:, :context], attention_mask[:, :context], rationale_mask[:, :context])
+    if 0 < score_batch < n and n % score_batch == 0:
+        ref_sums = unmicro_batches(jax.lax.map(reference_sums, micro_batches(ref_rows, score_batch)))
+    else:
+        ref_sums = reference_sums(ref_rows)
+    scores = RowScores(
+        policy=jnp.sum(out.logprobs, axis=1), reference=ref_sums,
+        answer=masked_sum(cont_logprobs[:, 1:], cont_mask[:, 2:]), last_context=cont_logprobs[:, 0],
+        finished=out.finished, lengths=out.lengths,
     )
-    metrics["rationale_length_mean"] = jnp.mean(out.lengths.astype(jnp.float32))
-    metrics["rationale_length_max"] = jnp.max(out.lengths)
-    return Rollout(tokens, attention_mask, rationale_mask, answer_mask, advantages, rewards, metrics)
+    return packed, scores
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def advantages_of(objective: ObjectiveConfig, k: int, packed: tuple[jax.Array, ...], scores: RowScores) -> Rollout:
+    """The rollout of packed rows and their scores: advantages over all of them at once (the
+    non-stop penalty's mean spans the batch; RLOO groups are K consecutive rows)."""
+    advantages, rewards, metrics = rollout_advantages(
+        objective, k, scores.policy, scores.reference, scores.answer, scores.finished, scores.last_context
+    )
+    metrics["rationale_length_mean"] = jnp.mean(scores.lengths.astype(jnp.float32))
+    metrics["rationale_length_max"] = jnp.max(scores.lengths)
+    return Rollout(*packed, advantages, rewards, metrics)
 
 
 def make_optimizer(spec: OptimSpec, updates: int) -> optax.GradientTransformation:
@@ -195,7 +244,7 @@ def update(
     adapters: `lora.LoraRowsLoss`), passed as rows_loss's `frozen` keyword when not None.
     """
     n = jax.tree.leaves(rows)[0].shape[0]
-    micro = jax.tree.map(lambda x: x.reshape(n // micro_batch, micro_batch, *x.shape[1:]), rows)
+    micro = micro_batches(rows, micro_batch)
     loss_fn = functools.partial(rows_loss, config, objective, n, score_from)
     if frozen is not None:
         loss_fn = functools.partial(loss_fn, frozen=frozen)
@@ -227,26 +276,46 @@ def rollout(
     prompts: list[list[int]],
     answers: list[list[int]],
     rng: jax.Array,
+    score_batch: int = 0,
+    rollout_batch: int = 0,
 ) -> tuple[Rollout, SampleOutput]:
-    """Sample K rationales per prompt and score them (steps 1-3). prompts, answers: token lists."""
+    """Sample K rationales per prompt and score them (steps 1-3). prompts, answers: token lists;
+    `score_batch`: rows per reference forward (`score_rows`); `rollout_batch`: questions sampled
+    and scored at a time (0 = all), so that one chunk's KV cache is alive at a time; the
+    advantages are computed over all chunks together. The returned SampleOutput has no cache."""
     k = sampling.num_samples
     answer_slots = bucket(max(map(len, answers)), ANSWER_BUCKETS)
-    sampling = dataclasses.replace(sampling, cache_room=answer_slots + 2)
-    started = time.perf_counter()
-    out = jax.block_until_ready(sample(config, params, prompts, rng, sampling))
-    sampled = time.perf_counter()
-    prompt_tokens, prompt_mask = pad_prompts(prompts, int(out.prompt_slots), sampling.pad_token_id)
-    answer_tokens, _ = pad_prompts([a[::-1] for a in answers], answer_slots, sampling.pad_token_id)
-    answer_tokens = answer_tokens[:, ::-1]  # right-padded
-    repeat = functools.partial(np.repeat, repeats=k, axis=0)
-    scored = score_rollout(
-        config, objective, k, params, ref_params, out,
-        jnp.asarray(repeat(prompt_tokens)), jnp.asarray(repeat(prompt_mask)),
-        jnp.asarray(repeat(np.ascontiguousarray(answer_tokens))),
-        jnp.asarray(repeat(np.array([len(a) for a in answers], np.int32))),
+    prompt_slots = bucket(max(map(len, prompts)), sampling.prompt_buckets)  # the same in every chunk
+    sampling = dataclasses.replace(sampling, cache_room=answer_slots + 2, prompt_buckets=(prompt_slots,))
+    chunk = rollout_batch if 0 < rollout_batch < len(prompts) else len(prompts)
+    timings = {"time_sample_s": 0.0, "time_score_s": 0.0}
+    parts, outs = [], []
+    for start in range(0, len(prompts), chunk):
+        chunk_prompts, chunk_answers = prompts[start:start + chunk], answers[start:start + chunk]
+        began = time.perf_counter()
+        chunk_rng = rng if chunk == len(prompts) else jax.random.fold_in(rng, start)
+        out = jax.block_until_ready(sample(config, params, chunk_prompts, chunk_rng, sampling))
+        sampled = time.perf_counter()
+        prompt_tokens, prompt_mask = pad_prompts(chunk_prompts, prompt_slots, sampling.pad_token_id)
+        answer_tokens, _ = pad_prompts([a[::-1] for a in chunk_answers], answer_slots, sampling.pad_token_id)
+        answer_tokens = answer_tokens[:, ::-1]  # right-padded
+        repeat = functools.partial(np.repeat, repeats=k, axis=0)
+        parts.append(jax.block_until_ready(score_rows(
+            config, params, ref_params, out,
+            jnp.asarray(repeat(prompt_tokens)), jnp.asarray(repeat(prompt_mask)),
+            jnp.asarray(repeat(np.ascontiguousarray(answer_tokens))),
+            jnp.asarray(repeat(np.array([len(a) for a in chunk_answers], np.int32))), score_batch=score_batch,
+        )))
+        outs.append(out._replace(cache=None))  # the chunk's KV cache is freed here
+        timings["time_sample_s"] += sampled - began
+        timings["time_score_s"] += time.perf_counter() - sampled
+    concat = functools.partial(jax.tree.map, lambda *x: x[0] if len(x) == 1 else jnp.concatenate(x))
+    scored = advantages_of(objective, k, *concat(*parts))
+    out = outs[0] if len(outs) == 1 else outs[0]._replace(
+        **{f: concat(*(getattr(o, f) for o in outs)) for f in ("tokens", "lengths", "finished", "logprobs",
+                                                               "prompt_lengths")},
+        steps=max(o.steps for o in outs),
     )
-    jax.block_until_ready(scored.advantages)
-    timings = {"time_sample_s": sampled - started, "time_score_s": time.perf_counter() - sampled}
     return scored._replace(metrics={**scored.metrics, **timings}), out
 
 
@@ -301,7 +370,8 @@ def load_policy(exp: Experiment, progress: bool = True) -> tuple[ModelConfig, nn
             f"(`make convert SRC=<HF dir or hub id> OUT={checkpoint}`), or set model.hf=<HF dir or hub id> "
             "to convert on first use"
         )
-    config, params = load_model(checkpoint, dtype=spec.dtype, param_dtype=spec.dtype if spec.lora_rank else "float32")
+    config, params = load_model(checkpoint, dtype=spec.dtype, param_dtype=spec.dtype if spec.lora_rank else "float32",
+                                remat=spec.remat)
     return config, params, spec.tokenizer or os.path.join(checkpoint, HF_DIR)
 
 
@@ -491,7 +561,8 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                     rows_loss, rollout_metrics, score_from = sft_rows_loss, {}, 1
                 else:
                     scored, out = rollout(config, exp.objective, sampling, policy(params), ref_params, batch_prompts,
-                                          batch_targets, jax.random.fold_in(key, step))
+                                          batch_targets, jax.random.fold_in(key, step), t.score_batch,
+                                          t.rollout_batch)
                     rows = dict(tokens=scored.tokens, attention_mask=scored.attention_mask,
                                 rationale_mask=scored.rationale_mask, answer_mask=scored.answer_mask,
                                 advantages=scored.advantages)

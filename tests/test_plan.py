@@ -95,6 +95,16 @@ def test_lora_trains_the_adapters_against_a_bf16_base(plans):
     assert lora["phases"]["update"]["total"] < full["phases"]["update"]["total"]
 
 
+def test_rollouts_in_chunks_of_questions_hold_one_chunk_of_kv_cache(plans):
+    """train.rollout_batch=2 of 4 questions: the sampler's KV cache (its output) and the scoring's
+    arguments hold 2 x K rows instead of 4 x K; the update (all rows) is unchanged."""
+    whole, chunked = plans["full 1,1,1"], plans["chunked 1,1,1"]
+    assert chunked["kv_cache_bytes_per_device"] * 2 == whole["kv_cache_bytes_per_device"]
+    assert chunked["phases"]["sample"]["outputs"] < whole["phases"]["sample"]["outputs"]
+    assert chunked["phases"]["score"]["arguments"] < whole["phases"]["score"]["arguments"]
+    assert chunked["phases"]["update"]["arguments"] == whole["phases"]["update"]["arguments"]
+
+
 def test_fits_compares_the_peak_with_the_device_memory(plans):
     for plan in plans.values():
         assert plan["peak"] == max(p["total"] for p in plan["phases"].values())
@@ -141,5 +151,7 @@ if __name__ == "__main__":
         "full 1,1,1": one,
         "full 1,4,1": tool.plan(exp, config, (1, 4, 1), one["peak"] - 1, None, 16, 16),
         "lora 1,1,1": tool.plan(exp, config, (1, 1, 1), 1_000_000, RANK, 16, 16),
+        "chunked 1,1,1": tool.plan(load_experiment("gsm8k_llama", OVERRIDES + ["train.rollout_batch=2"]), config,
+                                   (1, 1, 1), 1_000_000, None, 16, 16),
     }
     print(json.dumps(results))

@@ -19,7 +19,7 @@ from latro_jax.model import init_params
 from latro_jax.objective import ObjectiveConfig, rollout_advantages
 from latro_jax.sampling import SamplingConfig
 from latro_jax.scoring import masked_sum, token_logprobs
-from latro_jax.train import latro_rows_loss, make_optimizer, rollout, update
+from latro_jax.train import latro_rows_loss, make_optimizer, micro_batches, rollout, unmicro_batches, update
 
 CONFIG = ModelConfig("llama", 64, 32, 48, 2, 4, 2, 8)
 OBJECTIVE = ObjectiveConfig(beta=0.05)
@@ -77,6 +77,66 @@ def test_micro_batches_give_the_whole_batch_gradient(scored):
     assert int(results[0][1]["skipped"]) == 0
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), results[0][0], params)
     assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_remat_gives_the_same_update(scored):
+    """Recomputing each layer in the backward pass (ModelConfig.remat, the paper recipes' memory
+    setting) changes what is stored, not the gradient: params after one update agree within 1e-6."""
+    params, _, result, out = scored
+    optimizer = make_optimizer(OptimSpec(learning_rate=1e-3), 10)
+    results = []
+    for config in (CONFIG, CONFIG.replace(remat=True)):
+        p = jax.tree.map(jnp.copy, params)
+        results.append(update(config, OBJECTIVE, optimizer, 4, latro_rows_loss, int(out.prompt_slots), p,
+                              optimizer.init(p), rows_of(result)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[0][0], results[1][0])
+    np.testing.assert_allclose(results[0][2]["loss"], results[1][2]["loss"], rtol=1e-6)
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), results[1][0], params)
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_reference_forward_in_row_chunks_gives_the_same_rollout(scored):
+    """score_batch runs the reference forward over strided chunks of rows one after another (to
+    bound its activations); the rewards and advantages, per row, are those of one forward over
+    all rows (1e-5: float32, the same sums in another batch shape)."""
+    params, ref, whole, _ = scored
+    for score_batch in (2, 4):
+        chunked, _ = rollout(CONFIG, OBJECTIVE, SAMPLING, params, ref, PROMPTS, ANSWERS, jax.random.key(0),
+                             score_batch=score_batch)
+        np.testing.assert_allclose(np.asarray(chunked.rewards), np.asarray(whole.rewards), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(chunked.advantages), np.asarray(whole.advantages), atol=1e-5)
+        np.testing.assert_allclose(chunked.metrics["kl_mean"], whole.metrics["kl_mean"], atol=1e-5)
+    assert abs(float(whole.metrics["kl_mean"])) > 1e-3  # pi_0 differs from the policy: the reference sums count
+
+
+def test_rollout_in_chunks_of_questions_equals_the_whole(scored):
+    """rollout_batch=1 samples and scores one question at a time (one chunk's KV cache alive);
+    greedy decoding makes the samples independent of the chunk's random key, so the packed rows,
+    rewards and advantages (over the whole batch: the non-stop penalty's mean spans it) equal
+    those of one rollout over both questions (1e-5: float32, other batch shapes)."""
+    import dataclasses
+
+    params, ref, _, _ = scored
+    greedy = dataclasses.replace(SAMPLING, temperature=0.0)
+    objective = ObjectiveConfig(beta=0.05, nonstop_coef=2.0)
+    whole, whole_out = rollout(CONFIG, objective, greedy, params, ref, PROMPTS, ANSWERS, jax.random.key(0))
+    chunked, chunked_out = rollout(CONFIG, objective, greedy, params, ref, PROMPTS, ANSWERS, jax.random.key(0),
+                                   rollout_batch=1)
+    for field in ("tokens", "attention_mask", "rationale_mask", "answer_mask"):
+        np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field))
+    np.testing.assert_array_equal(chunked_out.tokens, whole_out.tokens)
+    np.testing.assert_allclose(np.asarray(chunked.rewards), np.asarray(whole.rewards), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(chunked.advantages), np.asarray(whole.advantages), atol=1e-5)
+    assert chunked_out.cache is None
+
+
+def test_micro_batches_are_strided_and_invertible():
+    """Micro-batch j takes rows j, j + M, ...: with rows split over devices in blocks, each
+    micro-batch has rows from every block; unmicro_batches restores the order."""
+    rows = {"a": jnp.arange(12).reshape(12, 1), "b": jnp.arange(12)}
+    micro = micro_batches(rows, 4)
+    np.testing.assert_array_equal(micro["b"], [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]])
+    jax.tree.map(np.testing.assert_array_equal, unmicro_batches(micro), rows)
 
 
 def test_non_finite_update_is_skipped(scored):

@@ -3,6 +3,7 @@
     python tools/bench.py                          # cpu-small: a ~20M-parameter Llama, float32, CPU
     python tools/bench.py --config llama8b         # Llama-3.1-8B shape, random bf16 weights (a GPU)
     python tools/bench.py --config llama8b --parts train   # the 8B train step alone (see below)
+    python tools/bench.py --config llama8b --parts train --layers 16   # 8B layers, half of them
     python tools/bench.py --batch 8 --new-tokens 32 --repeats 5 --json bench.json
 
 One transformers `LlamaForCausalLM` is initialised at random, saved with `save_pretrained`,
@@ -455,6 +456,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, help="rows per forward+backward in the train step")
     parser.add_argument("--repeats", type=int, help="timed calls after the warm-up; the median is reported")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding on both sides instead of sampling")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the config's), e.g. fewer of the 8B "
+                        "shape where a whole 8B train step does not fit the device")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -467,6 +470,8 @@ def main() -> None:
         if getattr(args, field) is not None
     }
     bench = dataclasses.replace(CONFIGS[args.config], **overrides)
+    if args.layers:
+        bench = dataclasses.replace(bench, llama={**bench.llama, "num_hidden_layers": args.layers})
     if bench.train_batch % bench.micro_batch or bench.train_len <= bench.prompt_len + bench.train_answer_len:
         parser.error("the train batch must be a multiple of --micro-batch, and --train-len must leave room for a "
                      "rationale after the prompt and before the answer")
@@ -615,6 +620,8 @@ def run_parts(bench: BenchConfig, parts: list[str], greedy: bool, directory: str
             measure_rates()
         if params is None:
             config, params = load_model(checkpoint, dtype=bench.dtype)
+        # the same recomputation as transformers' gradient checkpointing: each layer from its input
+        config = config.replace(remat=bench.hf_gradient_checkpointing)
         ours = latro_train_step(config, params, batch, bench.micro_batch, score_from)
         del params  # donated to the first update
         latro_loss = ours()

@@ -6,7 +6,7 @@
     python tools/plan.py gsm8k_llama --model-config path/to/config.json --json plan.json
 
 Each program of a LaTRO update (the sampler `sampling.sample_padded`, the rollout scoring
-`train.score_rollout`, the train step `train.update`) is lowered with abstract arguments
+`train.score_rows`, the train step `train.update`) is lowered with abstract arguments
 (`jax.ShapeDtypeStruct`s carrying the shardings of `latro_jax.sharding`), compiled, and its
 `memory_analysis()` read: per device, arguments + outputs - donated (aliased) + temporaries is the
 program's peak. Arrays that live across the program without being its arguments (AdamW's moments
@@ -16,7 +16,10 @@ The model's shape comes from `--model-config` (an HF config.json or its director
 preset for the paper's three models (MODEL_SHAPES below; no hub access is needed). A mesh larger
 than the devices present is simulated on the CPU (`--xla_force_host_platform_device_count` is
 set before JAX starts); the numbers are then those of XLA's CPU compiler, an estimate of a GPU's
-(other fusion decisions, no cuDNN/cuBLAS workspaces): leave a few GB of headroom.
+(other fusion decisions, no cuDNN/cuBLAS workspaces): leave a few GB of headroom. For bfloat16
+compute the CPU's numbers are pessimistic: it multiplies bfloat16 matrices in float32, holding a
+float32 copy of each weight (the LoRA plan of gsm8k_llama reads 121 GB on the CPU, 40 GB with an
+H100's compiler). On a GPU machine the programs are compiled for the GPU (still no weights).
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
     from latro_jax.sharding import (
         MeshSpec, batch_shardings, cache_shardings, make_mesh, opt_state_shardings, param_shardings,
     )
-    from latro_jax.train import ANSWER_BUCKETS, latro_rows_loss, make_optimizer, score_rollout, update
+    from latro_jax.train import ANSWER_BUCKETS, latro_rows_loss, make_optimizer, score_rows, update
 
     num_devices = math.prod(mesh_shape)
     devices = jax.devices()
@@ -156,11 +159,13 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
 
     k, questions = exp.rollout.num_samples, exp.train.questions_per_update
     n = questions * k
+    chunk = exp.train.rollout_batch or questions  # questions sampled and scored at a time
+    chunk_rows = chunk * k
     steps = bucket(exp.rollout.max_new_tokens, SamplingConfig().length_buckets)
     answer_len = bucket(answer_len, ANSWER_BUCKETS)
     length = prompt_len + exp.rollout.max_new_tokens + answer_len
     optimizer = make_optimizer(exp.optim, exp.train.updates)
-    train_config = config.replace(dtype=exp.model.dtype, param_dtype="float32")  # as train.load_policy
+    train_config = config.replace(dtype=exp.model.dtype, param_dtype="float32", remat=exp.model.remat)  # as train.load_policy
     lora = None
     if lora_rank is None:
         policy = abstract_params(train_config)
@@ -192,7 +197,7 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
 
     sampling = SamplingConfig(max_new_tokens=steps, num_samples=k, temperature=exp.rollout.temperature,
                               cache_room=answer_len + 2, length_buckets=(steps,))
-    prompts = rows_of({"tokens": ((questions, prompt_len), jnp.int32), "mask": ((questions, prompt_len), jnp.bool_)})
+    prompts = rows_of({"tokens": ((chunk, prompt_len), jnp.int32), "mask": ((chunk, prompt_len), jnp.bool_)})
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     limit = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     rows = rows_of({
@@ -210,7 +215,7 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
         sampler_args = (compute_config, sampling, steps, sampled, prompts["tokens"], prompts["mask"], rng, limit)
         out = jax.eval_shape(sample_padded, *sampler_args)
         # sample() trims the generation bucket to max_new_tokens; the cache keeps its slots.
-        trimmed = (n, exp.rollout.max_new_tokens)
+        trimmed = (chunk_rows, exp.rollout.max_new_tokens)
         out = out._replace(
             tokens=jax.ShapeDtypeStruct(trimmed, out.tokens.dtype), logprobs=jax.ShapeDtypeStruct(trimmed, jnp.float32),
         )
@@ -220,10 +225,12 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
             prompt_lengths=batch_shardings(mesh, out.prompt_lengths), prompt_slots=replicated, steps=replicated,
             cache=cache_shardings(mesh, out.cache),
         ))
-        repeated = rows_of({"tokens": ((n, prompt_len), jnp.int32), "mask": ((n, prompt_len), jnp.bool_),
-                            "answers": ((n, answer_len), jnp.int32), "answer_lengths": ((n,), jnp.int32)})
-        score_args = (compute_config, exp.objective, k, sampled, reference, out, repeated["tokens"],
-                      repeated["mask"], repeated["answers"], repeated["answer_lengths"])
+        repeated = rows_of({"tokens": ((chunk_rows, prompt_len), jnp.int32),
+                            "mask": ((chunk_rows, prompt_len), jnp.bool_),
+                            "answers": ((chunk_rows, answer_len), jnp.int32),
+                            "answer_lengths": ((chunk_rows,), jnp.int32)})
+        score_args = (compute_config, sampled, reference, out, repeated["tokens"], repeated["mask"],
+                      repeated["answers"], repeated["answer_lengths"])
         if lora is None:
             update_args = (train_config, exp.objective, optimizer, exp.train.micro_batch, latro_rows_loss, prompt_len,
                            trained, opt_state, rows)
@@ -234,7 +241,7 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
             update_kwargs = {"frozen": base}
         programs = {
             "sample": sample_padded.lower(*sampler_args),
-            "score": score_rollout.lower(*score_args),
+            "score": score_rows.lower(*score_args, score_batch=exp.train.score_batch),
             "update": update.lower(*update_args, **update_kwargs),
         }
         analyses = {name: lowered.compile().memory_analysis() for name, lowered in programs.items()}
@@ -276,7 +283,8 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
         "lora_rank": lora_rank,
         "shapes": {"questions": questions, "samples": k, "rows": n, "prompt_slots": prompt_len,
                    "generation_slots": steps, "answer_slots": answer_len, "row_length": length,
-                   "micro_batch": exp.train.micro_batch},
+                   "micro_batch": exp.train.micro_batch, "rollout_questions": chunk,
+                   "score_batch": exp.train.score_batch or chunk_rows},
         "state_bytes_per_device": state_bytes,
         "kv_cache_bytes_per_device": cache_bytes,
         "phases": phases,
@@ -310,6 +318,8 @@ def print_plan(result: dict) -> None:
     print(f"rollout: {shapes['questions']} questions x {shapes['samples']} samples = {shapes['rows']} rows of "
           f"{shapes['prompt_slots']} prompt + {shapes['generation_slots']} generated + {shapes['answer_slots']} "
           f"answer slots; update in micro-batches of {shapes['micro_batch']} rows")
+    print(f"sampled and scored {shapes['rollout_questions']} questions at a time, the reference forward over "
+          f"{shapes['score_batch']} rows at a time")
     rows_per_shard = shapes["micro_batch"] / (mesh["data"] * mesh["fsdp"])
     if rows_per_shard < 1:
         print(f"note: a micro-batch of {shapes['micro_batch']} rows cannot be split over the "
@@ -319,7 +329,7 @@ def print_plan(result: dict) -> None:
     print("\nper device:")
     for name, size in result["state_bytes_per_device"].items():
         print(f"  {name:<26} {gb(size):>10}")
-    print(f"  {'KV cache of a rollout':<26} {gb(result['kv_cache_bytes_per_device']):>10}")
+    print(f"  {'KV cache of a rollout chunk':<26} {gb(result['kv_cache_bytes_per_device']):>10}")
     header = (f"\n{'program':<8} | {'arguments':>10} | {'outputs':>10} | {'donated':>10} | {'temporaries':>11} | "
               f"{'peak':>10} | {'+ also live':>11} | {'total':>10}")
     print(header)
