@@ -223,9 +223,10 @@ def _compute_weights(weights: nnx.State, dtype, leading: tuple = ()) -> nnx.Stat
 
 def _fence(x: jax.Array, weights: nnx.State, dtype) -> tuple[jax.Array, nnx.State]:
     """A layer's weights in the compute dtype, released no earlier than the layer's input `x` (an
-    optimization barrier): XLA may not gather every layer's weights up front, nor hoist them out
-    of the sampler's decode loop. Pinned on both sides of the barrier, or sharding propagation may
-    gather before it. An identity on the values."""
+    optimization barrier), which asks XLA not to gather every layer's weights up front. XLA's CPU
+    compiler appears not to honour it for scheduling (its plans still gather early), hence the
+    scan of `_scan_layers` where no cache is needed. Pinned on both sides of the barrier, or
+    sharding propagation may gather before it. An identity on the values."""
     x, weights = jax.lax.optimization_barrier((x, _compute_weights(weights, dtype)))
     return x, _compute_weights(weights, dtype)
 
