@@ -310,17 +310,17 @@ def hidden_states(
         layer_def, weights = nnx.split(layer)
         x, weights = _fence(x, weights, dtype)
         step = functools.partial(_decoder_layer, config, config.sliding_windows[i], layer_def)
-        if cache is None:
-            if config.remat:  # the backward pass recomputes the layer from its input
-                step = jax.checkpoint(step)
-            x, _ = step(weights, x, cos, sin, q_pos, k_pos, None, None)
-            continue
-        x, (k, v) = step(weights, x, cos, sin, q_pos, k_pos, (cache.k[i], cache.v[i]), cache.index)
-        new_k.append(k)
-        new_v.append(v)
+        if cache is None and config.remat:  # the backward pass recomputes the layer from its input
+            step = jax.checkpoint(step)
+        cache_kv = None if cache is None else (cache.k[i], cache.v[i])
+        x, cache_kv = step(weights, x, cos, sin, q_pos, k_pos, cache_kv, None if cache is None else cache.index)
+        if cache is not None:
+            new_k.append(cache_kv[0])
+            new_v.append(cache_kv[1])
+    x = model.final_norm(x)
     if cache is None:
-        return model.final_norm(x), None
-    return model.final_norm(x), KVCache(tuple(new_k), tuple(new_v), k_pos, cache.index + tokens.shape[1])
+        return x, None
+    return x, KVCache(tuple(new_k), tuple(new_v), k_pos, cache.index + tokens.shape[1])
 
 
 def lm_head_weight(config: ModelConfig, params: nnx.State) -> jax.Array:

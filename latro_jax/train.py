@@ -289,6 +289,7 @@ def rollout(
     sampling = dataclasses.replace(sampling, cache_room=answer_slots + 2, prompt_buckets=(prompt_slots,))
     chunk = rollout_batch if 0 < rollout_batch < len(prompts) else len(prompts)
     timings = {"time_sample_s": 0.0, "time_score_s": 0.0}
+    repeat = functools.partial(np.repeat, repeats=k, axis=0)
     parts, outs = [], []
     for start in range(0, len(prompts), chunk):
         chunk_prompts, chunk_answers = prompts[start:start + chunk], answers[start:start + chunk]
@@ -299,7 +300,6 @@ def rollout(
         prompt_tokens, prompt_mask = pad_prompts(chunk_prompts, prompt_slots, sampling.pad_token_id)
         answer_tokens, _ = pad_prompts([a[::-1] for a in chunk_answers], answer_slots, sampling.pad_token_id)
         answer_tokens = answer_tokens[:, ::-1]  # right-padded
-        repeat = functools.partial(np.repeat, repeats=k, axis=0)
         parts.append(jax.block_until_ready(score_rows(
             config, params, ref_params, out,
             jnp.asarray(repeat(prompt_tokens)), jnp.asarray(repeat(prompt_mask)),

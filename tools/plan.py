@@ -159,7 +159,7 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
 
     k, questions = exp.rollout.num_samples, exp.train.questions_per_update
     n = questions * k
-    chunk = exp.train.rollout_batch or questions  # questions sampled and scored at a time
+    chunk = min(exp.train.rollout_batch or questions, questions)  # questions sampled and scored at a time, as train.rollout
     chunk_rows = chunk * k
     steps = bucket(exp.rollout.max_new_tokens, SamplingConfig().length_buckets)
     answer_len = bucket(answer_len, ANSWER_BUCKETS)
@@ -284,7 +284,7 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
         "shapes": {"questions": questions, "samples": k, "rows": n, "prompt_slots": prompt_len,
                    "generation_slots": steps, "answer_slots": answer_len, "row_length": length,
                    "micro_batch": exp.train.micro_batch, "rollout_questions": chunk,
-                   "score_batch": exp.train.score_batch or chunk_rows},
+                   "score_batch": min(exp.train.score_batch or chunk_rows, chunk_rows)},
         "state_bytes_per_device": state_bytes,
         "kv_cache_bytes_per_device": cache_bytes,
         "phases": phases,
