@@ -259,12 +259,18 @@ def update(
     (grads, loss), terms = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+
+    def step(state):
+        params, opt_state = state
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt_state
+
+    # A branch, not a select between the new and old states: a select keeps both alive, about 1.5x
+    # the params' bytes more at the peak (XLA's memory analysis); the branch updates in place.
+    new_params, new_opt_state = jax.lax.cond(finite, step, lambda state: state, (params, opt_state))
     metrics = {name: jnp.sum(value) for name, value in terms.items()}
     metrics.update(loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
-    return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+    return new_params, new_opt_state, metrics
 
 
 def rollout(
