@@ -27,6 +27,7 @@ from flax import nnx
 
 from latro_jax.config import ModelConfig, RopeConfig
 from latro_jax.model import abstract_params
+from latro_jax.sharding import param_shardings
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "model_config.json"
@@ -103,9 +104,10 @@ def save_model(
             shutil.copyfile(source, os.path.join(tmp, HF_DIR, name))
 
 
-def load_model(path: str | os.PathLike, **config_overrides) -> tuple[ModelConfig, nnx.State]:
+def load_model(path: str | os.PathLike, mesh=None, **config_overrides) -> tuple[ModelConfig, nnx.State]:
     """Read a model checkpoint directory. `config_overrides` (e.g. dtype="bfloat16") apply on load;
-    a different `param_dtype` casts the stored params."""
+    a different `param_dtype` casts the stored params. `mesh`: restore each array straight into
+    its shards on it (`sharding.param_shardings`); None: onto the default device."""
     path = os.fspath(path)
     config_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(config_path):
@@ -115,7 +117,8 @@ def load_model(path: str | os.PathLike, **config_overrides) -> tuple[ModelConfig
         )
     with open(config_path) as f:
         stored = config_from_json(f.read())
-    params = restore_params(os.path.join(path, PARAMS_DIR), stored)
+    shardings = None if mesh is None else param_shardings(mesh, abstract_params(stored))
+    params = restore_params(os.path.join(path, PARAMS_DIR), stored, shardings)
     config = stored.replace(**config_overrides)
     if config.param_dtype != stored.param_dtype:
         params = jax.tree.map(lambda x: x.astype(config.param_dtype), params)

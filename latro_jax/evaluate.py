@@ -18,6 +18,7 @@ from latro_jax.data.extraction import arc_choice, canonical_number, extract_gsm8
 from latro_jax.data.prompts import PromptFormat, encode_prompts
 from latro_jax.data.tasks import NUMERIC_TASKS, Example
 from latro_jax.sampling import SamplingConfig, sample
+from latro_jax.sharding import to_host
 
 
 def extract(task: str, text: str, example: Example) -> str | None:
@@ -37,7 +38,7 @@ def generate_texts(config, params, tokenizer, prompts, sampling, rng, batch_size
     per_batch = max(1, batch_size // sampling.num_samples)
     for start in range(0, len(prompts), per_batch):
         out = sample(config, params, prompts[start : start + per_batch], jax.random.fold_in(rng, start), sampling)
-        tokens, lengths = jax.device_get((out.tokens, out.lengths))
+        tokens, lengths = to_host((out.tokens, out.lengths))  # gathered from every process
         decoded = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(tokens, lengths)]
         k = sampling.num_samples
         texts.extend(decoded[i : i + k] for i in range(0, len(decoded), k))

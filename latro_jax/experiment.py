@@ -15,6 +15,7 @@ import typing
 
 from latro_jax.data.tasks import SPLITS
 from latro_jax.objective import ObjectiveConfig
+from latro_jax.sharding import DistributedSpec, MeshSpec
 
 
 class ExperimentError(ValueError):
@@ -104,6 +105,8 @@ class Experiment:
     optim: OptimSpec = OptimSpec()
     train: TrainSpec = TrainSpec()
     pretrain: PretrainSpec = PretrainSpec()
+    mesh: MeshSpec = MeshSpec()  # devices along data, fsdp, tensor; -1 = the rest (default: fsdp over all)
+    distributed: DistributedSpec = DistributedSpec()  # a multi-host run's processes (default: one process)
 
     @property
     def run_dir(self) -> str:
@@ -197,7 +200,10 @@ def apply_overrides(exp: Experiment, overrides: list[str]) -> Experiment:
         if field not in hints:
             raise ExperimentError(f"override {item!r}: {section_name} has no field {field!r}; fields: {sorted(hints)}")
         value = _parse(text, hints[field], key)
-        exp = dataclasses.replace(exp, **{section_name: dataclasses.replace(section, **{field: value})})
+        try:
+            exp = dataclasses.replace(exp, **{section_name: dataclasses.replace(section, **{field: value})})
+        except ValueError as e:  # a section's own check (MeshSpec)
+            raise ExperimentError(f"override {item!r}: {e}") from None
     return exp
 
 

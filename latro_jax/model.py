@@ -130,7 +130,10 @@ def abstract_params(config: ModelConfig) -> nnx.State:
 
 @functools.lru_cache(maxsize=None)
 def graphdef(config: ModelConfig) -> nnx.GraphDef:
-    return nnx.split(nnx.eval_shape(lambda: _build(config, 0)))[0]
+    # Built outside any mesh: under one, flax would place the abstract params by their logical
+    # axis names, which are not mesh axes. The graphdef holds no arrays, so no mesh applies.
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        return nnx.split(nnx.eval_shape(lambda: _build(config, 0)))[0]
 
 
 class KVCache(NamedTuple):

@@ -25,6 +25,7 @@ from flax import nnx
 
 from latro_jax.config import ModelConfig
 from latro_jax.model import KVCache, hidden_states, init_cache, lm_head_weight, positions_from_mask
+from latro_jax.sharding import mesh_of, place_rows
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -264,19 +265,32 @@ def sample(
     rng: jax.Array,
     sampling: SamplingConfig,
 ) -> SampleOutput:
-    """Sample `sampling.num_samples` continuations of each prompt (lists of token ids).
+    """Sample `sampling.num_samples` continuations of each prompt (lists of token ids, the same
+    on every process of a multi-host run).
 
     Prompts are left-padded to a bucket of `sampling.prompt_buckets` and the generation length
     rounded up to a bucket of `sampling.length_buckets` (the loop still stops after
     `max_new_tokens`: rows still running then are cut there, unfinished). Outputs have
-    `max_new_tokens` columns.
+    `max_new_tokens` columns. On params laid out on a mesh, the prompts' rows are split over it.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("sample() needs at least one prompt, each with at least one token")
     slots = bucket(max(len(p) for p in prompts), sampling.prompt_buckets)
-    tokens, mask = pad_prompts(prompts, slots, sampling.pad_token_id)
+    tokens, mask = place_rows(mesh_of(params), pad_prompts(prompts, slots, sampling.pad_token_id))
+    return sample_tokens(config, params, tokens, mask, rng, sampling)
+
+
+def sample_tokens(
+    config: ModelConfig,
+    params: nnx.State,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    rng: jax.Array,
+    sampling: SamplingConfig,
+) -> SampleOutput:
+    """`sample` of prompts already padded: prompt_tokens, prompt_mask [B, P], left-padded."""
     steps = bucket(sampling.max_new_tokens, sampling.length_buckets)
     limit = sampling.max_new_tokens
     static = dataclasses.replace(sampling, max_new_tokens=steps)  # one program per bucket
-    out = sample_padded(config, static, steps, params, jnp.asarray(tokens), jnp.asarray(mask), rng, jnp.int32(limit))
+    out = sample_padded(config, static, steps, params, prompt_tokens, prompt_mask, rng, jnp.int32(limit))
     return out._replace(tokens=out.tokens[:, :limit], logprobs=out.logprobs[:, :limit])

@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen, nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 AXIS_NAMES = ("data", "fsdp", "tensor")
@@ -176,3 +180,122 @@ def cache_shardings(mesh: jax.sharding.Mesh, cache, rules=RULES):
         positions=logical_sharding(mesh, CACHE_POSITIONS, cache.positions.shape, rules),
         index=NamedSharding(mesh, PartitionSpec()),
     )
+
+
+# ---- many processes: JAX's multi-controller runtime -------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSpec:
+    """How the processes of a multi-host run find each other (`jax.distributed.initialize`).
+
+    Empty fields fall back to the usual environment variables (JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID); `auto_detect` lets JAX read the cluster instead (Cloud
+    TPU pods, SLURM, Open MPI, GKE). With none of these set, the run is one process.
+    """
+
+    coordinator_address: str = ""  # host:port of process 0
+    num_processes: int = 0
+    process_id: int = -1
+    auto_detect: bool = False
+
+
+def initialize_distributed(spec: DistributedSpec) -> bool:
+    """Join the other processes of a multi-host run, before anything touches a device; returns
+    whether this is a multi-process run. Call once per process (a second call is a no-op)."""
+    address = spec.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    count = spec.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+    index = spec.process_id if spec.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1"))
+    if not (address or count or spec.auto_detect):
+        return False
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    if not spec.auto_detect:
+        missing = [name for name, unset in (("coordinator_address", not address), ("num_processes", count < 1),
+                                            ("process_id", index < 0)) if unset]
+        if missing:
+            raise ValueError(
+                f"distributed: {', '.join('distributed.' + m for m in missing)} not set (nor JAX_COORDINATOR_ADDRESS, "
+                "JAX_NUM_PROCESSES, JAX_PROCESS_ID); set all three, or distributed.auto_detect=true on a cluster JAX knows"
+            )
+        if not 0 <= index < count:
+            raise ValueError(f"distributed.process_id={index} must be in [0, num_processes={count})")
+    jax.distributed.initialize(address or None, count or None, None if index < 0 else index)
+    return jax.process_count() > 1
+
+
+def mesh_of(tree) -> jax.sharding.Mesh | None:
+    """The mesh the arrays of `tree` are laid out on (None: one device, or not yet placed)."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return None
+
+
+def local_rows(sharding: jax.sharding.Sharding, shape: Sequence[int]) -> np.ndarray:
+    """The indices along dimension 0 of a global array of `shape` that this process's devices
+    hold: the rows this process loads (all of them on one process, or where rows are replicated)."""
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map(tuple(shape)).values():
+        rows.update(range(*index[0].indices(shape[0])))
+    return np.array(sorted(rows), np.int64)
+
+
+def from_local_rows(sharding: jax.sharding.Sharding, shape: Sequence[int], rows: np.ndarray, local: np.ndarray):
+    """The global array of `shape` placed with `sharding`, from this process's rows only:
+    `local[i]` is row `rows[i]` (`rows` from `local_rows`). No process holds the whole array."""
+    where = {int(r): i for i, r in enumerate(rows)}
+
+    def block(index):
+        take = [where[r] for r in range(*index[0].indices(shape[0]))]
+        return local[take][(slice(None),) + tuple(index[1:])]
+
+    return jax.make_array_from_callback(tuple(shape), sharding, block)
+
+
+def process_rows(mesh: jax.sharding.Mesh, n: int) -> np.ndarray:
+    """The rows of an n-row batch (split over the mesh's batch axes) that this process loads."""
+    return local_rows(logical_sharding(mesh, ("batch",), (n,)), (n,))
+
+
+def rows_from_processes(mesh: jax.sharding.Mesh, n: int, rows: np.ndarray, local):
+    """Global [n, ...] arrays with rows split over the mesh's batch axes, from each process's own
+    rows: `local` is a tree of arrays whose row i is global row `rows[i]` (`process_rows`)."""
+    def assemble(x):
+        shape = (n,) + x.shape[1:]
+        return from_local_rows(logical_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), shape), shape, rows, x)
+
+    return jax.tree.map(assemble, local)
+
+
+def place_rows(mesh: jax.sharding.Mesh | None, arrays):
+    """Host arrays ([rows, ...], the same on every process) placed with rows split over the
+    mesh (`batch_shardings`); without a mesh, on the default device."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, arrays)
+    return jax.device_put(arrays, batch_shardings(mesh, arrays))
+
+
+def to_host(tree):
+    """Numpy copies of arrays, gathered from every process where they span several (a collective:
+    every process must call it)."""
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(x)
+
+    return jax.tree.map(get, tree)
+
+
+def global_max(values: Sequence[int]) -> list[int]:
+    """The element-wise maximum of `values` over all processes (a collective)."""
+    local = np.asarray(values, np.int64)
+    if jax.process_count() == 1:
+        return local.tolist()
+    return np.max(multihost_utils.process_allgather(local), axis=0).tolist()
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's logs and files (process 0)."""
+    return jax.process_index() == 0

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, load_model
@@ -39,10 +40,13 @@ from latro_jax.evaluate import evaluate
 from latro_jax.lora import LoraRowsLoss, init_adapters, lora_config, merge
 from latro_jax.experiment import Experiment, ExperimentError, OptimSpec
 from latro_jax.objective import ObjectiveConfig, rollout_advantages, surrogate_loss
-from latro_jax.pretrain import pretrained_base
-from latro_jax.sampling import SampleOutput, SamplingConfig, bucket, pad_prompts, sample
+from latro_jax.pretrain import pretrained_base, pretrained_path
+from latro_jax.sampling import SampleOutput, SamplingConfig, bucket, pad_prompts, sample_tokens
 from latro_jax.scoring import continuation_logprobs, masked_sum, token_logprobs
-from latro_jax.sharding import constrain
+from latro_jax.sharding import (
+    constrain, global_max, is_primary, make_mesh, opt_state_shardings, place_rows, process_rows,
+    rows_from_processes, to_host,
+)
 
 ANSWER_BUCKETS = (16, 32, 64, 128, 256)
 merge_jit = jax.jit(merge, static_argnums=0)
@@ -107,6 +111,38 @@ def unmicro_batches(values):
     return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), values)
 
 
+class Questions(NamedTuple):
+    """Q questions padded for a rollout: prompt_tokens, prompt_mask [Q, P] (left-padded),
+    answers [Q, A] (right-padded) with answer_lengths [Q]."""
+
+    prompt_tokens: jax.Array
+    prompt_mask: jax.Array
+    answers: jax.Array
+    answer_lengths: jax.Array
+
+
+def question_slots(prompts: list[list[int]], answers: list[list[int]], sampling: SamplingConfig) -> tuple[int, int]:
+    """The padded widths (prompt, answer) of a batch of questions: buckets of the longest over
+    every process's share (a collective in a multi-process run)."""
+    prompt_len, answer_len = global_max([max(map(len, prompts)), max(map(len, answers))])
+    return bucket(prompt_len, sampling.prompt_buckets), bucket(answer_len, ANSWER_BUCKETS)
+
+
+def pad_questions(prompts: list[list[int]], answers: list[list[int]], slots: tuple[int, int], pad_id: int) -> Questions:
+    """Token lists -> numpy Questions of widths `slots` (from `question_slots`)."""
+    prompt_tokens, prompt_mask = pad_prompts(prompts, slots[0], pad_id)
+    answer_tokens = np.full((len(answers), slots[1]), pad_id, np.int32)
+    for i, a in enumerate(answers):
+        answer_tokens[i, : len(a)] = a
+    return Questions(prompt_tokens, prompt_mask, answer_tokens, np.array([len(a) for a in answers], np.int32))
+
+
+def questions(prompts: list[list[int]], answers: list[list[int]], sampling: SamplingConfig, mesh=None) -> Questions:
+    """Questions from token lists held whole by every process, rows split over `mesh` if given."""
+    return place_rows(mesh, pad_questions(prompts, answers, question_slots(prompts, answers, sampling),
+                                          sampling.pad_token_id))
+
+
 class RowScores(NamedTuple):
     """What the advantages of sampled rows are computed from, all [N]: log pi(z|x) (the sampler's),
     log pi_0(z|x), R = log pi(y|x+z), the log-prob of the last context token (for
@@ -126,18 +162,19 @@ def score_rows(
     params: nnx.State,
     ref_params: nnx.State,
     out: SampleOutput,
-    prompt_tokens: jax.Array,
-    prompt_mask: jax.Array,
-    answers: jax.Array,
-    answer_lengths: jax.Array,
+    questions: Questions,
     score_batch: int = 0,
 ) -> tuple[tuple[jax.Array, ...], RowScores]:
     """Steps 2-3 of the update for sampled rows: (tokens, attention_mask, rationale_mask,
-    answer_mask) of the packed rows, and their RowScores. prompt_tokens/mask [N, P] as sampled;
-    answers [N, A] right-padded with `answer_lengths` [N] (each question's repeated K times).
+    answer_mask) of the packed rows, and their RowScores. `out`: the N = Q x K rows sampled
+    for the Q `questions` (K consecutive rows per question).
     `score_batch` (static): rows per reference forward (`micro_batches`, one after another, so
     that one forward's activations and attention scores are alive at a time); 0 = all N at once."""
     pad_id = 0
+    k = out.tokens.shape[0] // questions.prompt_tokens.shape[0]
+    prompt_tokens, prompt_mask, answers, answer_lengths = (
+        constrain(jnp.repeat(x, k, axis=0), ("batch",) + (None,) * (x.ndim - 1)) for x in questions
+    )
     packed = pack_sequences(prompt_tokens, prompt_mask, out.tokens, out.lengths, answers, answer_lengths, pad_id)
     tokens, attention_mask, rationale_mask, _ = packed
     n, p = prompt_tokens.shape
@@ -279,39 +316,30 @@ def rollout(
     sampling: SamplingConfig,
     params: nnx.State,
     ref_params: nnx.State,
-    prompts: list[list[int]],
-    answers: list[list[int]],
+    questions: Questions,
     rng: jax.Array,
     score_batch: int = 0,
     rollout_batch: int = 0,
 ) -> tuple[Rollout, SampleOutput]:
-    """Sample K rationales per prompt and score them (steps 1-3). prompts, answers: token lists;
-    `score_batch`: rows per reference forward (`score_rows`); `rollout_batch`: questions sampled
-    and scored at a time (0 = all), so that one chunk's KV cache is alive at a time; the
-    advantages are computed over all chunks together. The returned SampleOutput has no cache."""
+    """Sample K rationales per question and score them (steps 1-3). `questions`: padded (see
+    `questions()`); `score_batch`: rows per reference forward (`score_rows`); `rollout_batch`:
+    questions sampled and scored at a time (0 = all), so that one chunk's KV cache is alive at a
+    time; the advantages are computed over all chunks together. The returned SampleOutput has
+    no cache."""
     k = sampling.num_samples
-    answer_slots = bucket(max(map(len, answers)), ANSWER_BUCKETS)
-    prompt_slots = bucket(max(map(len, prompts)), sampling.prompt_buckets)  # the same in every chunk
-    sampling = dataclasses.replace(sampling, cache_room=answer_slots + 2, prompt_buckets=(prompt_slots,))
-    chunk = rollout_batch if 0 < rollout_batch < len(prompts) else len(prompts)
+    num_questions = questions.prompt_tokens.shape[0]
+    sampling = dataclasses.replace(sampling, cache_room=questions.answers.shape[1] + 2)
+    chunk = rollout_batch if 0 < rollout_batch < num_questions else num_questions
     timings = {"time_sample_s": 0.0, "time_score_s": 0.0}
-    repeat = functools.partial(np.repeat, repeats=k, axis=0)
     parts, outs = [], []
-    for start in range(0, len(prompts), chunk):
-        chunk_prompts, chunk_answers = prompts[start:start + chunk], answers[start:start + chunk]
+    for start in range(0, num_questions, chunk):
+        part = questions if chunk == num_questions else jax.tree.map(lambda x: x[start:start + chunk], questions)
         began = time.perf_counter()
-        chunk_rng = rng if chunk == len(prompts) else jax.random.fold_in(rng, start)
-        out = jax.block_until_ready(sample(config, params, chunk_prompts, chunk_rng, sampling))
+        chunk_rng = rng if chunk == num_questions else jax.random.fold_in(rng, start)
+        out = jax.block_until_ready(sample_tokens(config, params, part.prompt_tokens, part.prompt_mask, chunk_rng,
+                                                  sampling))
         sampled = time.perf_counter()
-        prompt_tokens, prompt_mask = pad_prompts(chunk_prompts, prompt_slots, sampling.pad_token_id)
-        answer_tokens, _ = pad_prompts([a[::-1] for a in chunk_answers], answer_slots, sampling.pad_token_id)
-        answer_tokens = answer_tokens[:, ::-1]  # right-padded
-        parts.append(jax.block_until_ready(score_rows(
-            config, params, ref_params, out,
-            jnp.asarray(repeat(prompt_tokens)), jnp.asarray(repeat(prompt_mask)),
-            jnp.asarray(repeat(np.ascontiguousarray(answer_tokens))),
-            jnp.asarray(repeat(np.array([len(a) for a in chunk_answers], np.int32))), score_batch=score_batch,
-        )))
+        parts.append(jax.block_until_ready(score_rows(config, params, ref_params, out, part, score_batch=score_batch)))
         outs.append(out._replace(cache=None))  # the chunk's KV cache is freed here
         timings["time_sample_s"] += sampled - began
         timings["time_score_s"] += time.perf_counter() - sampled
@@ -358,12 +386,20 @@ def commit(tree):
     return jax.tree.map(lambda x: jax.device_put(x, x.sharding), tree)
 
 
-def load_policy(exp: Experiment, progress: bool = True) -> tuple[ModelConfig, nnx.State, str]:
-    """The starting weights and the directory holding the tokenizer files. The compute dtype is
-    the experiment's; params are float32 master weights, except a LoRA run's frozen base, which
-    is stored in the compute dtype (only the adapters train)."""
+def load_policy(exp: Experiment, progress: bool = True, mesh=None) -> tuple[ModelConfig, nnx.State, str]:
+    """The starting weights (restored straight into their shards on `mesh`) and the directory
+    holding the tokenizer files. The compute dtype is the experiment's; params are float32 master
+    weights, except a LoRA run's frozen base, which is stored in the compute dtype (only the
+    adapters train)."""
     spec = exp.model
     checkpoint = spec.checkpoint
+    if jax.process_count() > 1 and (exp.pretrain.updates or spec.hf):
+        prepared = pretrained_path(exp) if exp.pretrain.updates else os.path.join(exp.run_dir, "base_model")
+        if not os.path.isfile(os.path.join(prepared, CONFIG_FILE)):
+            raise ExperimentError(
+                f"{prepared} does not exist yet: a multi-process run does not {'pre-train' if exp.pretrain.updates else 'convert'} "
+                "its base model; run the same command once in a single process first, or set model.checkpoint"
+            )
     if exp.pretrain.updates:
         checkpoint = pretrained_base(exp, progress)
     elif spec.hf:
@@ -376,8 +412,8 @@ def load_policy(exp: Experiment, progress: bool = True) -> tuple[ModelConfig, nn
             f"(`make convert SRC=<HF dir or hub id> OUT={checkpoint}`), or set model.hf=<HF dir or hub id> "
             "to convert on first use"
         )
-    config, params = load_model(checkpoint, dtype=spec.dtype, param_dtype=spec.dtype if spec.lora_rank else "float32",
-                                remat=spec.remat)
+    config, params = load_model(checkpoint, mesh=mesh, dtype=spec.dtype,
+                                param_dtype=spec.dtype if spec.lora_rank else "float32", remat=spec.remat)
     return config, params, spec.tokenizer or os.path.join(checkpoint, HF_DIR)
 
 
@@ -400,6 +436,9 @@ class RunLog:
     def __init__(self, run_dir: str, exp: Experiment):
         from tensorboardX import SummaryWriter
 
+        self.enabled = is_primary()  # one process of a multi-host run writes
+        if not self.enabled:
+            return
         self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         self.samples = open(os.path.join(run_dir, "samples.txt"), "a")
         self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"))
@@ -413,6 +452,8 @@ class RunLog:
                                     resume="allow", id=exp.name)
 
     def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
         self.metrics.write(json.dumps({"step": step, **metrics}) + "\n")
         self.metrics.flush()
         for name, value in metrics.items():
@@ -422,10 +463,14 @@ class RunLog:
             self.wandb.log(metrics, step=step)
 
     def write_samples(self, step: int, texts: list[str]) -> None:
+        if not self.enabled:
+            return
         self.samples.write(f"==== update {step}\n" + "\n----\n".join(texts) + "\n")
         self.samples.flush()
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.metrics.close()
         self.samples.close()
         self.tensorboard.close()
@@ -434,8 +479,9 @@ class RunLog:
 
 
 def rollout_samples(tokenizer, scored: Rollout, out: SampleOutput, k: int, questions: int = 2) -> list[str]:
-    """The K rationales of the first questions of a rollout, decoded, with their rewards."""
-    tokens, lengths, finished, rewards, advantages = jax.device_get(
+    """The K rationales of the first questions of a rollout, decoded, with their rewards (a
+    collective in a multi-process run)."""
+    tokens, lengths, finished, rewards, advantages = to_host(
         (out.tokens, out.lengths, out.finished, scored.rewards, scored.advantages)
     )
     texts = []
@@ -469,12 +515,25 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
     `stop_after` ends the run (saving) after that many updates of this call, as an interruption
     would. The run directory holds config.json, checkpoints/ (last N), best/ (by validation
     greedy accuracy), metrics.jsonl, tensorboard/, samples.txt and eval_<step>.json.
+
+    The run is laid out on the mesh `exp.mesh` over every device of every process
+    (`sharding.initialize_distributed` first joins a multi-host run's processes): params and
+    optimizer state are restored or created in their shards, and each process tokenizes only
+    the questions of each update that its devices hold. Every process runs this same function;
+    process 0 writes the logs, and all of them write their shards of the checkpoints, which
+    restore onto any other mesh.
     """
     run_dir = exp.run_dir
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(exp), f, indent=1)
-    config, params, tokenizer_dir = load_policy(exp, progress)
+    primary = is_primary()
+    if primary:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(exp), f, indent=1)
+    try:
+        mesh = make_mesh(exp.mesh)
+    except ValueError as e:
+        raise ExperimentError(f"mesh: {e} (mesh.data, mesh.fsdp, mesh.tensor)") from None
+    config, params, tokenizer_dir = load_policy(exp, progress, mesh)
     tokenizer = tokenizer or load_tokenizer(tokenizer_dir)
     fmt = prompt_format(tokenizer)
     source = exp.data.source or None
@@ -497,14 +556,18 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
     t = exp.train
     optimizer = make_optimizer(exp.optim, t.updates)
     lora = lora_config(exp.model)
+    replicated = NamedSharding(mesh, PartitionSpec())
     if lora:  # `params` are the trained adapters; the frozen base is also pi_0, so no copy is kept
         base = params
-        params = init_adapters(config, lora, jax.random.fold_in(jax.random.key(t.seed), 2**31 - 2))
+        init = functools.partial(init_adapters, config, lora)
+        params = jax.jit(init, out_shardings=replicated)(jax.random.fold_in(jax.random.key(t.seed), 2**31 - 2))
         ref_params = None if sft else base
     else:
         base = None
         ref_params = None if sft else jax.tree.map(jnp.copy, params)
-    params, opt_state = commit((params, optimizer.init(params)))
+    params_shardings = jax.tree.map(lambda x: x.sharding, params)
+    opt_shardings = opt_state_shardings(mesh, optimizer, jax.eval_shape(optimizer.init, params), params_shardings)
+    params, opt_state = commit((params, jax.jit(optimizer.init, out_shardings=opt_shardings)(params)))
 
     def policy(trained):
         """The full params the model runs with: the base with the adapters merged, under LoRA."""
@@ -514,6 +577,20 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
         num_samples=exp.rollout.num_samples, stop_token_ids=fmt.stop_token_ids,
         stop_sequences=fmt.stop_sequences, pad_token_id=fmt.pad_token_id,
     )
+
+    def load_batch(step: int):
+        """This update's questions (LaTRO) or rows (SFT) as global arrays, rows split over the
+        mesh; this process tokenizes only the rows its devices hold."""
+        indices = batch_indices(len(train_set), t.questions_per_update, step, t.seed)
+        mine = process_rows(mesh, len(indices))
+        prompts, targets = (list(x) for x in zip(*(encoded(int(indices[i])) for i in mine)))
+        if sft:
+            (longest,) = global_max([max(len(p) + len(c) for p, c in zip(prompts, targets))])
+            local = sft_rows(prompts, targets, fmt.pad_token_id, bucket(longest, SFT_BUCKETS))
+        else:
+            local = pad_questions(prompts, targets, question_slots(prompts, targets, sampling), fmt.pad_token_id)
+        return rows_from_processes(mesh, len(indices), mine, local)
+
     latest = ocp.CheckpointManager(
         os.path.abspath(os.path.join(run_dir, "checkpoints")),
         options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_last), item_names=("state", "meta"),
@@ -525,7 +602,9 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
     )
     step = 0
     if latest.latest_step() is not None:
-        abstract = jax.eval_shape(lambda: {"params": params, "opt_state": opt_state})
+        # Restored into this run's shardings, whatever mesh wrote the checkpoint.
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                {"params": params, "opt_state": opt_state})
         restored = latest.restore(
             latest.latest_step(),
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
@@ -546,29 +625,26 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
 
     def run_eval(at: int) -> dict:
         result = evaluate(config, policy(params), tokenizer, fmt, eval_set, exp.data.task, exp.rollout.max_new_tokens,
-                          t.maj_k, jax.random.fold_in(eval_key, at), progress=progress)
-        with open(os.path.join(run_dir, f"eval_{at}.json"), "w") as f:
-            json.dump(result, f, indent=1)
+                          t.maj_k, jax.random.fold_in(eval_key, at), progress=progress and primary)
+        if primary:
+            with open(os.path.join(run_dir, f"eval_{at}.json"), "w") as f:
+                json.dump(result, f, indent=1)
         return result
 
     metrics: dict = {}
     last_rollout = None
-    bar = tqdm(total=t.updates, initial=step, desc=exp.name, unit="update", disable=not progress)
+    bar = tqdm(total=t.updates, initial=step, desc=exp.name, unit="update", disable=not (progress and primary))
     done_here = 0
-    with stop_requests() as stop:
+    with stop_requests() as stop, jax.set_mesh(mesh):
         try:
             while step < t.updates:
-                indices = batch_indices(len(train_set), t.questions_per_update, step, t.seed)
-                batch_prompts, batch_targets = (list(x) for x in zip(*(encoded(int(i)) for i in indices)))
+                batch = load_batch(step)
                 started = time.perf_counter()
                 if sft:
-                    slots = bucket(max(len(p) + len(c) for p, c in zip(batch_prompts, batch_targets)), SFT_BUCKETS)
-                    rows = sft_rows(batch_prompts, batch_targets, fmt.pad_token_id, slots)
-                    rows_loss, rollout_metrics, score_from = sft_rows_loss, {}, 1
+                    rows, rows_loss, rollout_metrics, score_from = batch, sft_rows_loss, {}, 1
                 else:
-                    scored, out = rollout(config, exp.objective, sampling, policy(params), ref_params, batch_prompts,
-                                          batch_targets, jax.random.fold_in(key, step), t.score_batch,
-                                          t.rollout_batch)
+                    scored, out = rollout(config, exp.objective, sampling, policy(params), ref_params, batch,
+                                          jax.random.fold_in(key, step), t.score_batch, t.rollout_batch)
                     rows = dict(tokens=scored.tokens, attention_mask=scored.attention_mask,
                                 rationale_mask=scored.rationale_mask, answer_mask=scored.answer_mask,
                                 advantages=scored.advantages)
@@ -582,11 +658,11 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                 )
                 jax.block_until_ready(update_metrics["loss"])
                 now = time.perf_counter()
-                real_tokens = int(np.asarray(rows["attention_mask"]).sum())
-                metrics = {k: float(v) for k, v in {**rollout_metrics, **update_metrics}.items()}
+                real_tokens = int(to_host(jnp.sum(rows["attention_mask"])))
+                metrics = {k: float(v) for k, v in to_host({**rollout_metrics, **update_metrics}).items()}
                 metrics.update(time_update_s=now - update_started, tokens_per_s=real_tokens / (now - started),
                                lr=learning_rate(exp.optim, t.updates, step))
-                if metrics["skipped"]:
+                if metrics["skipped"] and primary:
                     tqdm.write(f"update {step}: non-finite loss or gradient; update skipped (params unchanged)")
                 step += 1
                 done_here += 1
@@ -603,7 +679,11 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                     metrics.update(eval_metrics)
                 if step % t.save_every == 0 or eval_metrics is not None or step == t.updates:
                     save(step, eval_metrics)
-                if stop["signal"] is not None or (stop_after is not None and done_here >= stop_after):
+                # Every process stops after the same update, whichever was signalled.
+                (stopping,) = global_max([stop["signal"] is not None])
+                if stopping and stop["signal"] is None:
+                    stop["signal"] = "another process's"
+                if stopping or (stop_after is not None and done_here >= stop_after):
                     raise Interrupted(f"stopped after update {step}; rerun the same command to resume")
         except Interrupted:
             save(step)

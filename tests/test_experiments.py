@@ -110,11 +110,20 @@ def test_missing_weights_say_how_to_convert(tmp_path):
         run(exp, progress=False)
 
 
+def test_a_mesh_the_devices_cannot_make_names_the_fields(tmp_path):
+    exp = load_experiment("gsm8k_llama", [f"train.output_dir={tmp_path}", f"mesh.data={jax.device_count() + 1}",
+                                          "mesh.fsdp=1"])
+    with pytest.raises(ExperimentError, match=r"mesh: MeshSpec\(data=\d+, fsdp=1, tensor=1\) uses \d+ devices"):
+        run(exp, progress=False)
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.updates=zero", "train.updates='zero': expected int"),
     ("train.nope=1", "train has no field 'nope'"),
     ("rollout.num_samples=1", "rollout.num_samples=1 is invalid"),
     ("train.micro_batch=5", "train.micro_batch=5 is invalid; must divide the 384 rows"),
+    ("mesh.data=0", "mesh.data=0.*MeshSpec.data=0 must be a positive device count or -1"),
+    ("mesh.tensor=-1", "mesh.tensor=-1.*only one axis may be -1"),
 ])
 def test_bad_overrides_name_the_field(override, message):
     with pytest.raises(ExperimentError, match=message):

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from latro_jax.config import ModelConfig
-from latro_jax.sharding import MeshSpec, logical_spec
+from latro_jax.sharding import DistributedSpec, MeshSpec, initialize_distributed, logical_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8))
@@ -70,6 +70,21 @@ def test_mesh_spec_resolves_the_rest(spec, devices, shape):
 def test_mesh_spec_errors_name_the_field(kwargs, devices, message):
     with pytest.raises(ValueError, match=message):
         MeshSpec(**kwargs).shape(devices)
+
+
+def test_distributed_settings_name_what_is_missing(monkeypatch):
+    """Nothing set: one process (nothing initialised); a partial setting names the missing fields
+    (and the environment variables that can give them) before touching jax.distributed."""
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert initialize_distributed(DistributedSpec()) is False
+    with pytest.raises(ValueError, match="distributed.num_processes, distributed.process_id not set.*JAX_NUM_PROCESSES"):
+        initialize_distributed(DistributedSpec(coordinator_address="localhost:1234"))
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    with pytest.raises(ValueError, match=r"distributed.process_id=2 must be in \[0, num_processes=2\)"):
+        initialize_distributed(DistributedSpec(coordinator_address="localhost:1234"))
+    assert not jax.distributed.is_initialized()
 
 
 def test_logical_spec_keeps_the_longest_dividing_prefix():

@@ -19,7 +19,9 @@ from latro_jax.model import init_params
 from latro_jax.objective import ObjectiveConfig, rollout_advantages
 from latro_jax.sampling import SamplingConfig
 from latro_jax.scoring import masked_sum, token_logprobs
-from latro_jax.train import latro_rows_loss, make_optimizer, micro_batches, rollout, unmicro_batches, update
+from latro_jax.train import (
+    latro_rows_loss, make_optimizer, micro_batches, questions, rollout, unmicro_batches, update,
+)
 
 CONFIG = ModelConfig("llama", 64, 32, 48, 2, 4, 2, 8)
 OBJECTIVE = ObjectiveConfig(beta=0.05)
@@ -37,7 +39,7 @@ def rows_of(scored):
 def scored():
     params = init_params(CONFIG, seed=0)
     ref = init_params(CONFIG, seed=1)  # a different reference, so the KL term is not zero
-    result, out = rollout(CONFIG, OBJECTIVE, SAMPLING, params, ref, PROMPTS, ANSWERS, jax.random.key(0))
+    result, out = rollout(CONFIG, OBJECTIVE, SAMPLING, params, ref, questions(PROMPTS, ANSWERS, SAMPLING), jax.random.key(0))
     return params, ref, result, out
 
 
@@ -48,7 +50,7 @@ def test_cached_answer_reward_equals_full_rescoring(scored, reference_compat):
     packed sequence from scratch; compared through the advantages they produce."""
     params, ref, _, _ = scored
     objective = ObjectiveConfig(beta=0.05, reference_compat=reference_compat)
-    result, out = rollout(CONFIG, objective, SAMPLING, params, ref, PROMPTS, ANSWERS, jax.random.key(0))
+    result, out = rollout(CONFIG, objective, SAMPLING, params, ref, questions(PROMPTS, ANSWERS, SAMPLING), jax.random.key(0))
     logprobs = token_logprobs(CONFIG, params, result.tokens, result.attention_mask)
     answer_sums = masked_sum(logprobs, result.answer_mask)
     context = np.asarray(result.attention_mask & ~result.answer_mask)
@@ -101,7 +103,7 @@ def test_reference_forward_in_row_chunks_gives_the_same_rollout(scored):
     all rows (1e-5: float32, the same sums in another batch shape)."""
     params, ref, whole, _ = scored
     for score_batch in (2, 4):
-        chunked, _ = rollout(CONFIG, OBJECTIVE, SAMPLING, params, ref, PROMPTS, ANSWERS, jax.random.key(0),
+        chunked, _ = rollout(CONFIG, OBJECTIVE, SAMPLING, params, ref, questions(PROMPTS, ANSWERS, SAMPLING), jax.random.key(0),
                              score_batch=score_batch)
         np.testing.assert_allclose(np.asarray(chunked.rewards), np.asarray(whole.rewards), atol=1e-5)
         np.testing.assert_allclose(np.asarray(chunked.advantages), np.asarray(whole.advantages), atol=1e-5)
@@ -119,8 +121,8 @@ def test_rollout_in_chunks_of_questions_equals_the_whole(scored):
     params, ref, _, _ = scored
     greedy = dataclasses.replace(SAMPLING, temperature=0.0)
     objective = ObjectiveConfig(beta=0.05, nonstop_coef=2.0)
-    whole, whole_out = rollout(CONFIG, objective, greedy, params, ref, PROMPTS, ANSWERS, jax.random.key(0))
-    chunked, chunked_out = rollout(CONFIG, objective, greedy, params, ref, PROMPTS, ANSWERS, jax.random.key(0),
+    whole, whole_out = rollout(CONFIG, objective, greedy, params, ref, questions(PROMPTS, ANSWERS, greedy), jax.random.key(0))
+    chunked, chunked_out = rollout(CONFIG, objective, greedy, params, ref, questions(PROMPTS, ANSWERS, greedy), jax.random.key(0),
                                    rollout_batch=1)
     for field in ("tokens", "attention_mask", "rationale_mask", "answer_mask"):
         np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field))
@@ -168,7 +170,7 @@ def test_model_passes_per_update(monkeypatch):
     config = CONFIG.replace(vocab_size=65)
     params, ref = init_params(config, seed=0), init_params(config, seed=1)
     optimizer = make_optimizer(OptimSpec(learning_rate=1e-3), 10)
-    result, out = rollout(config, OBJECTIVE, SAMPLING, params, ref, PROMPTS, ANSWERS, jax.random.key(0))
+    result, out = rollout(config, OBJECTIVE, SAMPLING, params, ref, questions(PROMPTS, ANSWERS, SAMPLING), jax.random.key(0))
     n = len(PROMPTS) * SAMPLING.num_samples
     assert [shape[0] for shape in calls] == [len(PROMPTS), n, n, n]  # prefill once per question
     assert calls[1][1] == 1  # the decode step feeds one token

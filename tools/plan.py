@@ -139,7 +139,7 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
     from latro_jax.sharding import (
         MeshSpec, batch_shardings, cache_shardings, make_mesh, opt_state_shardings, param_shardings,
     )
-    from latro_jax.train import ANSWER_BUCKETS, latro_rows_loss, make_optimizer, score_rows, update
+    from latro_jax.train import ANSWER_BUCKETS, Questions, latro_rows_loss, make_optimizer, score_rows, update
 
     num_devices = math.prod(mesh_shape)
     devices = jax.devices()
@@ -225,12 +225,11 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
             prompt_lengths=batch_shardings(mesh, out.prompt_lengths), prompt_slots=replicated, steps=replicated,
             cache=cache_shardings(mesh, out.cache),
         ))
-        repeated = rows_of({"tokens": ((chunk_rows, prompt_len), jnp.int32),
-                            "mask": ((chunk_rows, prompt_len), jnp.bool_),
-                            "answers": ((chunk_rows, answer_len), jnp.int32),
-                            "answer_lengths": ((chunk_rows,), jnp.int32)})
-        score_args = (compute_config, sampled, reference, out, repeated["tokens"], repeated["mask"],
-                      repeated["answers"], repeated["answer_lengths"])
+        chunk_questions = Questions(**rows_of({"prompt_tokens": ((chunk, prompt_len), jnp.int32),
+                                               "prompt_mask": ((chunk, prompt_len), jnp.bool_),
+                                               "answers": ((chunk, answer_len), jnp.int32),
+                                               "answer_lengths": ((chunk,), jnp.int32)}))
+        score_args = (compute_config, sampled, reference, out, chunk_questions)
         if lora is None:
             update_args = (train_config, exp.objective, optimizer, exp.train.micro_batch, latro_rows_loss, prompt_len,
                            trained, opt_state, rows)
