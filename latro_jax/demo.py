@@ -28,7 +28,7 @@ import numpy as np
 from latro_jax.data.prompts import load_tokenizer, prompt_format
 from latro_jax.data.tasks import load_task
 from latro_jax.evaluate import evaluate
-from latro_jax.experiment import Experiment, PretrainSpec
+from latro_jax.experiment import Experiment, ExperimentError, PretrainSpec
 from latro_jax.pretrain import pretrained_base, pretrained_path
 from latro_jax.train import load_policy, run
 
@@ -55,6 +55,8 @@ def stage_experiments(exp: Experiment) -> dict[str, Experiment]:
 
 def run_demo(exp: Experiment, progress: bool = True) -> dict:
     """All three stages; returns the results (also written to <run>/seed<seed>/results.json)."""
+    if jax.process_count() > 1:
+        raise ExperimentError("the demo runs in a single process (it writes its results and plot from each one)")
     stages = stage_experiments(exp)
     out = stages["latro"].train.output_dir
     os.makedirs(out, exist_ok=True)

@@ -16,6 +16,8 @@ import json
 import os
 import tempfile
 
+import jax
+
 from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, config_from_json, save_model
 from latro_jax.config import ModelConfig
 from latro_jax.experiment import Experiment, ExperimentError, ModelSpec, OptimSpec, PretrainSpec, TrainSpec
@@ -80,6 +82,11 @@ def pretrained_base(exp: Experiment, progress: bool = True) -> str:
     path = pretrained_path(exp)
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):
         return path
+    if jax.process_count() > 1:  # every process would train (and write) the same model
+        raise ExperimentError(
+            f"{path} does not exist yet and a multi-process run does not pre-train its base model: run the "
+            "same command once in a single process first"
+        )
     spec = exp.pretrain
     init = path + "-init"
     if not os.path.isfile(os.path.join(init, CONFIG_FILE)):

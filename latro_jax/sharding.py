@@ -206,7 +206,7 @@ def initialize_distributed(spec: DistributedSpec) -> bool:
     address = spec.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
     count = spec.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
     index = spec.process_id if spec.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1"))
-    if not (address or count or spec.auto_detect):
+    if not (address or count or index >= 0 or spec.auto_detect):
         return False
     if jax.distributed.is_initialized():
         return jax.process_count() > 1

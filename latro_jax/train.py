@@ -40,7 +40,7 @@ from latro_jax.evaluate import evaluate
 from latro_jax.lora import LoraRowsLoss, init_adapters, lora_config, merge
 from latro_jax.experiment import Experiment, ExperimentError, OptimSpec
 from latro_jax.objective import ObjectiveConfig, rollout_advantages, surrogate_loss
-from latro_jax.pretrain import pretrained_base, pretrained_path
+from latro_jax.pretrain import pretrained_base
 from latro_jax.sampling import SampleOutput, SamplingConfig, bucket, pad_prompts, sample_tokens
 from latro_jax.scoring import continuation_logprobs, masked_sum, token_logprobs
 from latro_jax.sharding import (
@@ -393,18 +393,16 @@ def load_policy(exp: Experiment, progress: bool = True, mesh=None) -> tuple[Mode
     adapters train)."""
     spec = exp.model
     checkpoint = spec.checkpoint
-    if jax.process_count() > 1 and (exp.pretrain.updates or spec.hf):
-        prepared = pretrained_path(exp) if exp.pretrain.updates else os.path.join(exp.run_dir, "base_model")
-        if not os.path.isfile(os.path.join(prepared, CONFIG_FILE)):
-            raise ExperimentError(
-                f"{prepared} does not exist yet: a multi-process run does not {'pre-train' if exp.pretrain.updates else 'convert'} "
-                "its base model; run the same command once in a single process first, or set model.checkpoint"
-            )
     if exp.pretrain.updates:
         checkpoint = pretrained_base(exp, progress)
     elif spec.hf:
         checkpoint = os.path.join(exp.run_dir, "base_model")
         if not os.path.isdir(checkpoint):
+            if jax.process_count() > 1:
+                raise ExperimentError(
+                    f"{checkpoint} does not exist yet and a multi-process run does not convert HF weights: "
+                    f"`make convert SRC={spec.hf} OUT={checkpoint}` once (one process), or set model.checkpoint"
+                )
             convert_hf(spec.hf, checkpoint, param_dtype="float32")
     if not os.path.isfile(os.path.join(checkpoint, CONFIG_FILE)):
         raise ExperimentError(
@@ -436,6 +434,11 @@ class RunLog:
     def __init__(self, run_dir: str, exp: Experiment):
         from tensorboardX import SummaryWriter
 
+        if exp.train.wandb_project:  # checked on every process: one failing alone would leave the others waiting
+            try:
+                import wandb
+            except ImportError:
+                raise ExperimentError("train.wandb_project is set but wandb is not installed: pip install wandb")
         self.enabled = is_primary()  # one process of a multi-host run writes
         if not self.enabled:
             return
@@ -444,10 +447,6 @@ class RunLog:
         self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"))
         self.wandb = None
         if exp.train.wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise ExperimentError("train.wandb_project is set but wandb is not installed: pip install wandb")
             self.wandb = wandb.init(project=exp.train.wandb_project, name=exp.name, config=dataclasses.asdict(exp),
                                     resume="allow", id=exp.name)
 

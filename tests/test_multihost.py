@@ -107,13 +107,26 @@ def finish(process: subprocess.Popen, tmp_path, tag: str) -> dict:
 
 
 def metrics(run_dir: str) -> dict[int, dict]:
-    """metrics.jsonl by step, training and evaluation rows merged."""
+    """metrics.jsonl by step, training and evaluation rows merged; each written once (one writer,
+    no update trained twice)."""
     rows: dict[int, dict] = {}
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:
             row = json.loads(line)
+            assert not set(row).difference({"step"}) & set(rows.get(row["step"], {})), f"written twice: {row}"
             rows.setdefault(row["step"], {}).update(row)
     return rows
+
+
+def eval_tool():
+    """tools/eval.py as a module (its `load` reads a training checkpoint onto one device)."""
+    import importlib.util
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    spec = importlib.util.spec_from_file_location("eval_tool", os.path.join(ROOT, "tools", "eval.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_two_processes_train_save_and_another_mesh_finishes_the_run(tmp_path):
@@ -133,22 +146,29 @@ def test_two_processes_train_save_and_another_mesh_finishes_the_run(tmp_path):
     # Meanwhile, the reference: the same run uninterrupted in this single-device process.
     single = train.run(dataclasses.replace(exp, name="single"), progress=False)
     reports = [finish(p, tmp_path, f"process{i}") for i, p in enumerate(processes)]
-    assert [r["process"] for r in reports] == [0, 1] and all(r["devices"] == 4 for r in reports)
+    assert [r["process"] for r in reports] == [0, 1] and all(r["devices"] == 4 and r["step"] == 3 for r in reports)
+    halted = [dict(np.load(str(tmp_path / f"process{i}.report.npz"))) for i in range(2)]
+    for name, value in halted[0].items():  # both processes hold the same (global) params
+        np.testing.assert_array_equal(halted[1][name], value, err_msg=name)
     checkpoints = os.path.join(multi.run_dir, "checkpoints")
     assert sorted(os.listdir(checkpoints)) == [str(STOP_AFTER)]
 
-    # Each process tokenized only its half of each update's questions (its devices' rows).
+    # Each process tokenized only its half of each update's questions: rows 0-1 live on process 0's
+    # two devices and rows 2-3 on process 1's (jax.make_mesh keeps a process's CPU devices together).
     train_set = load_task(exp.data.task, exp.data.train_split, exp.data.source or None)
     t = exp.train
     drawn = [[train_set[int(i)].question for i in train.batch_indices(len(train_set), t.questions_per_update, s, t.seed)]
-             for s in range(STOP_AFTER)]
-    halves = [sorted({q for update in drawn for q in update[:2]}), sorted({q for update in drawn for q in update[2:]})]
+             for s in range(t.updates)]
+    halves = [sorted({q for update in drawn[:STOP_AFTER] for q in update[:2]}),
+              sorted({q for update in drawn[:STOP_AFTER] for q in update[2:]})]
     assert [sorted(set(r["tokenized"])) for r in reports] == halves
 
     # One process on a (1, 1, 2) mesh restores the 4-device checkpoint and finishes.
     other = dataclasses.replace(multi, mesh=MeshSpec(data=1, fsdp=1, tensor=2))
     finished = finish(launch(other, tmp_path, "restored", 2, 0), tmp_path, "restored")
     assert finished["step"] == t.updates
+    # It resumed at update 3: it tokenized the questions of updates 3 and 4 only.
+    assert sorted(set(finished["tokenized"])) == sorted({q for update in drawn[STOP_AFTER:] for q in update})
 
     expected, got = metrics(dataclasses.replace(exp, name="single").run_dir), metrics(multi.run_dir)
     assert sorted(got) == sorted(expected) == list(range(1, t.updates + 1))
@@ -167,6 +187,12 @@ def test_two_processes_train_save_and_another_mesh_finishes_the_run(tmp_path):
     assert sorted(final) == sorted(reference)
     for name, value in reference.items():
         np.testing.assert_allclose(final[name], value, rtol=0, atol=TOLERANCE, err_msg=name)
+    # tools/eval.py reads the checkpoint the two processes wrote (4 devices) onto this one device.
+    single_dir = dataclasses.replace(exp, name="single").run_dir
+    _, from_processes, _ = eval_tool().load(os.path.join(checkpoints, str(STOP_AFTER)), "float32")
+    _, from_single, _ = eval_tool().load(os.path.join(single_dir, "checkpoints", str(STOP_AFTER)), "float32")
+    for name, value in flat(from_single).items():
+        np.testing.assert_allclose(flat(from_processes)[name], value, rtol=0, atol=TOLERANCE, err_msg=name)
     moved = max(float(np.max(np.abs(final[n] - v))) for n, v in flat(load_model(exp.model.checkpoint)[1]).items())
     assert moved > 10 * TOLERANCE  # the updates did move the params
 

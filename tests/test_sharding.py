@@ -78,6 +78,8 @@ def test_distributed_settings_name_what_is_missing(monkeypatch):
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(name, raising=False)
     assert initialize_distributed(DistributedSpec()) is False
+    with pytest.raises(ValueError, match="distributed.coordinator_address, distributed.num_processes not set"):
+        initialize_distributed(DistributedSpec(process_id=0))
     with pytest.raises(ValueError, match="distributed.num_processes, distributed.process_id not set.*JAX_NUM_PROCESSES"):
         initialize_distributed(DistributedSpec(coordinator_address="localhost:1234"))
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")

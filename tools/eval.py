@@ -38,7 +38,10 @@ def load(model: str, dtype: str):
         lora = lora_config(exp.model)
         trained = abstract_adapters(config, lora) if lora else base  # a LoRA run saves its adapters
         optimizer = make_optimizer(exp.optim, exp.train.updates)
-        abstract = jax.eval_shape(lambda: {"params": trained, "opt_state": optimizer.init(trained)})
+        # Onto this process's first device, whatever mesh the run saved from (eval_shape has no sharding).
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                jax.eval_shape(lambda: {"params": trained, "opt_state": optimizer.init(trained)}))
         with ocp.CheckpointManager(os.path.dirname(os.path.abspath(model)), item_names=("state",)) as manager:
             restored = manager.restore(int(os.path.basename(model)),
                                        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
