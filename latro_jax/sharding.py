@@ -233,40 +233,29 @@ def mesh_of(tree) -> jax.sharding.Mesh | None:
     return None
 
 
-def local_rows(sharding: jax.sharding.Sharding, shape: Sequence[int]) -> np.ndarray:
-    """The indices along dimension 0 of a global array of `shape` that this process's devices
-    hold: the rows this process loads (all of them on one process, or where rows are replicated)."""
-    rows: set[int] = set()
-    for index in sharding.addressable_devices_indices_map(tuple(shape)).values():
-        rows.update(range(*index[0].indices(shape[0])))
-    return np.array(sorted(rows), np.int64)
-
-
-def from_local_rows(sharding: jax.sharding.Sharding, shape: Sequence[int], rows: np.ndarray, local: np.ndarray):
-    """The global array of `shape` placed with `sharding`, from this process's rows only:
-    `local[i]` is row `rows[i]` (`rows` from `local_rows`). No process holds the whole array."""
-    where = {int(r): i for i, r in enumerate(rows)}
-
-    def block(index):
-        take = [where[r] for r in range(*index[0].indices(shape[0]))]
-        return local[take][(slice(None),) + tuple(index[1:])]
-
-    return jax.make_array_from_callback(tuple(shape), sharding, block)
-
-
 def process_rows(mesh: jax.sharding.Mesh, n: int) -> np.ndarray:
-    """The rows of an n-row batch (split over the mesh's batch axes) that this process loads."""
-    return local_rows(logical_sharding(mesh, ("batch",), (n,)), (n,))
+    """The rows of an n-row batch (split over the mesh's batch axes) that this process's devices
+    hold, so the rows it loads: all of them on one process, or where rows are replicated."""
+    rows: set[int] = set()
+    for index in logical_sharding(mesh, ("batch",), (n,)).addressable_devices_indices_map((n,)).values():
+        rows.update(range(*index[0].indices(n)))
+    return np.array(sorted(rows), np.int64)
 
 
 def rows_from_processes(mesh: jax.sharding.Mesh, n: int, rows: np.ndarray, local):
     """Global [n, ...] arrays with rows split over the mesh's batch axes, from each process's own
-    rows: `local` is a tree of arrays whose row i is global row `rows[i]` (`process_rows`)."""
-    def assemble(x):
-        shape = (n,) + x.shape[1:]
-        return from_local_rows(logical_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), shape), shape, rows, x)
+    rows: `local` is a tree of arrays whose row i is global row `rows[i]` (`process_rows`). No
+    process holds a whole array."""
+    where = {int(r): i for i, r in enumerate(rows)}
 
-    return jax.tree.map(assemble, local)
+    def assemble(x, sharding):
+        def block(index):
+            return x[[where[r] for r in range(*index[0].indices(n))]][(slice(None),) + tuple(index[1:])]
+
+        return jax.make_array_from_callback((n,) + x.shape[1:], sharding, block)
+
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n,) + x.shape[1:], x.dtype), local)
+    return jax.tree.map(assemble, local, batch_shardings(mesh, shapes))
 
 
 def place_rows(mesh: jax.sharding.Mesh | None, arrays):

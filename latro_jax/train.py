@@ -577,11 +577,12 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
         stop_sequences=fmt.stop_sequences, pad_token_id=fmt.pad_token_id,
     )
 
+    mine = process_rows(mesh, t.questions_per_update)  # the same rows of every update
+
     def load_batch(step: int):
         """This update's questions (LaTRO) or rows (SFT) as global arrays, rows split over the
         mesh; this process tokenizes only the rows its devices hold."""
         indices = batch_indices(len(train_set), t.questions_per_update, step, t.seed)
-        mine = process_rows(mesh, len(indices))
         prompts, targets = (list(x) for x in zip(*(encoded(int(indices[i])) for i in mine)))
         if sft:
             (longest,) = global_max([max(len(p) + len(c) for p, c in zip(prompts, targets))])
