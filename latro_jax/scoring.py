@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from latro_jax.config import ModelConfig
-from latro_jax.model import KVCache, hidden_states, lm_head_weight, positions_from_mask
+from latro_jax.model import KVCache, dense, hidden_states, lm_head_weight, positions_from_mask
 
 
 LOGITS_BYTES = 2**30  # the most float32 logits one chunk computes at once (the whole batch, all devices)
@@ -28,7 +28,7 @@ LOGITS_BYTES = 2**30  # the most float32 logits one chunk computes at once (the 
 
 def _chunk_logprobs(head: jax.Array, hidden: jax.Array, targets: jax.Array) -> jax.Array:
     """head [hidden, vocab]; hidden [batch, chunk, hidden]; targets [batch, chunk] -> [batch, chunk] f32."""
-    logits = jnp.einsum("bcd,dv->bcv", hidden, head, preferred_element_type=jnp.float32)
+    logits = dense(hidden, head, 1, jnp.float32)
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return target_logits - jax.nn.logsumexp(logits, axis=-1)
 

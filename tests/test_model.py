@@ -1,8 +1,10 @@
-"""The Flax decoder against transformers' PyTorch models: logits, and KV-cache decoding.
+"""The Flax decoder against transformers' PyTorch models: logits, their gradients, and KV-cache
+decoding.
 
 Tolerances: max |logit difference| <= 1e-4 for transformers parity (f32 both sides, different
-summation orders over 64-wide layers give ~1e-6); 1e-5 for cached vs uncached decoding (same
-code, same order of operations up to the attention's reduction length)."""
+summation orders over 64-wide layers give ~1e-6); gradients within 1e-4 of the largest entry of
+each weight's gradient (the same summation-order noise, relative); 1e-5 for cached vs uncached
+decoding (same code, same order of operations up to the attention's reduction length)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
-from hf_models import FAMILIES, convert, hf_logits, make_hf_model, mixed_batch, within_original_context
+from hf_models import FAMILIES, VOCAB, convert, hf_logits, make_hf_model, mixed_batch, within_original_context
 from latro_jax.config import ConfigError, ModelConfig
-from latro_jax.model import forward, init_cache, init_params, positions_from_mask
+from latro_jax.convert.weights import flat_params, hf_tensor
+from latro_jax.model import dense, forward, init_cache, init_params, positions_from_mask
 
 forward_jit = jax.jit(forward, static_argnums=0)
 
@@ -28,6 +32,53 @@ def test_logits_match_transformers(family, tmp_path):
                             jnp.asarray(mask.numpy().astype(bool)))
     real = mask.numpy().astype(bool)
     assert np.abs(np.asarray(logits) - expected)[real].max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_gradients_match_transformers(family, tmp_path):
+    """The weights' gradients of a loss on the logits (a fixed random combination of the real
+    positions' logits), against PyTorch's backward through the same transformers model: checks
+    `dense`'s hand-written backward pass and every weight's layout in the gradient."""
+    model = make_hf_model(family)
+    config, params = convert(model, tmp_path)
+    ids, mask, positions = mixed_batch()
+    coefficients = torch.randn(*ids.shape, VOCAB, generator=torch.Generator().manual_seed(1)) * mask[..., None]
+    hf_positions = positions.masked_fill(mask == 0, 1)
+    (model(input_ids=ids, attention_mask=mask, position_ids=hf_positions).logits * coefficients).sum().backward()
+
+    def loss(params):
+        logits, _ = forward(config, params, jnp.asarray(ids.numpy()), jnp.asarray(positions.numpy()),
+                            jnp.asarray(mask.numpy().astype(bool)))
+        return jnp.sum(logits * jnp.asarray(coefficients.numpy()))
+
+    grads = flat_params(jax.jit(jax.grad(loss))(params))
+    for name, weight in model.named_parameters():
+        ours = hf_tensor(config, grads, name)
+        expected = weight.grad.numpy()
+        assert ours.shape == expected.shape, name
+        assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max(), name
+
+
+@pytest.mark.parametrize("n, preferred", [(1, None), (2, None), (1, jnp.float32)])
+def test_dense_backward_equals_autodiff(n, preferred):
+    """`dense` (a tensordot with a hand-written backward) against autodiff of lax.dot_general,
+    in float32 and with bfloat16 inputs and float32 outputs (the LM head's mixed precision)."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    dtype = jnp.float32 if preferred is None else jnp.bfloat16
+    x = jax.random.normal(keys[0], (3, 5, 6) if n == 1 else (3, 5, 4, 6), dtype)
+    w = jax.random.normal(keys[1], x.shape[x.ndim - n:] + (7, 2), dtype)
+    out_grad = jax.random.normal(keys[2], x.shape[: x.ndim - n] + (7, 2), jnp.float32)
+
+    def reference(x, w):
+        dims = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
+        return jax.lax.dot_general(x, w, dims, preferred_element_type=preferred)
+
+    out, vjp = jax.vjp(lambda x, w: dense(x, w, n, preferred), x, w)
+    expected_out, expected_vjp = jax.vjp(reference, x, w)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected_out, np.float32))
+    for ours, expected in zip(vjp(out_grad.astype(out.dtype)), expected_vjp(out_grad.astype(out.dtype))):
+        assert ours.dtype == expected.dtype
+        np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(expected, np.float32), rtol=1e-5, atol=1e-5)
 
 
 def test_family_features_are_exercised():
