@@ -23,11 +23,11 @@ the same surrogate (-advantage x the rationale's summed log-probs / rows, LM hea
 prompt via `logits_to_keep`), `.backward()` per micro-batch and one `torch.optim.AdamW` step,
 with gradient checkpointing where the config asks for it (llama8b). Its model FLOP utilisation
 (MFU) is 3 x the forward's FLOPs (no recomputation counted) per second over the measured matmul
-rate. Each side's train step is timed alone, transformers first, and its optimizer state freed
-before the other's: an 8B model's bf16 weights, gradients and AdamW moments are 64 GB, so on one
-80 GB GPU the train step must run without the sampler's and scorer's buffers (`--parts train`:
-JAX keeps the memory it has grown, so nothing of JAX's is placed on the device before transformers
-has trained and released its own).
+rate. transformers' step runs in this process, then its model and optimizer state are dropped,
+and latro-jax's step runs in a child process of its own (`--train-child`) on the same rows and
+weights: an 8B model's bf16 weights, gradients and AdamW moments are 64 GB, and neither torch's
+caching allocator nor JAX's (which keeps what it has grown) returns memory to the other within
+one process. The matmul rate is measured after both, in this process.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -54,7 +55,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from latro_jax.checkpoint import load_model  # noqa: E402
+from latro_jax.checkpoint import CONFIG_FILE, config_from_json, load_model  # noqa: E402
 from latro_jax.config import ModelConfig  # noqa: E402
 from latro_jax.convert.hf import convert_hf  # noqa: E402
 from latro_jax.experiment import OptimSpec  # noqa: E402
@@ -387,6 +388,42 @@ def latro_train_step(config, params, rows: dict, micro_batch: int, score_from: i
     return run
 
 
+def latro_train_in_child(bench: BenchConfig, checkpoint: str, batch: dict, directory: str) -> tuple[float, float]:
+    """latro-jax's train step timed in a child process of its own (`--train-child`) on `batch`
+    and the weights at `checkpoint`; -> (median seconds, loss before the first step)."""
+    work = os.path.join(directory, "train-child")
+    os.makedirs(work, exist_ok=True)
+    np.savez(os.path.join(work, "rows.npz"), **batch)
+    with open(os.path.join(work, "job.json"), "w") as f:
+        json.dump({"bench": dataclasses.asdict(bench), "checkpoint": checkpoint}, f)
+    print("latro-jax's train step, in a process of its own ...", flush=True)
+    child = subprocess.run([sys.executable, os.path.abspath(__file__), "--train-child", work])
+    if child.returncode:
+        sys.exit(f"error: latro-jax's train step failed in its process (exit code {child.returncode}; its "
+                 "output is above); transformers' step had finished")
+    with open(os.path.join(work, "result.json")) as f:
+        result = json.load(f)
+    return result["seconds"], result["loss"]
+
+
+def train_child(work: str) -> None:
+    """The child's side of `latro_train_in_child`: load, compile, warm up, time; write result.json."""
+    with open(os.path.join(work, "job.json")) as f:
+        job = json.load(f)
+    bench = BenchConfig(**job["bench"])
+    with np.load(os.path.join(work, "rows.npz")) as saved:
+        batch = dict(saved)
+    config, params = load_model(job["checkpoint"], dtype=bench.dtype)
+    # the same recomputation as transformers' gradient checkpointing: each layer from its input
+    config = config.replace(remat=bench.hf_gradient_checkpointing)
+    ours = latro_train_step(config, params, batch, bench.micro_batch, bench.prompt_len)
+    del params  # donated to the first update
+    loss = ours()
+    [seconds] = median_seconds(ours, repeats=bench.repeats)
+    with open(os.path.join(work, "result.json"), "w") as f:
+        json.dump({"seconds": seconds, "loss": loss}, f)
+
+
 def hf_train_step(
     model, rows: dict, micro_batch: int, score_from: int, checkpointing: bool, device
 ) -> Callable[[], float]:
@@ -460,7 +497,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="decoder layers (default: the config's), e.g. fewer of the 8B "
                         "shape where a whole 8B train step does not fit the device")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--train-child", metavar="DIR", help=argparse.SUPPRESS)  # latro_train_in_child's process
     args = parser.parse_args()
+    if args.train_child:
+        return train_child(args.train_child)
     parts = args.parts.split(",")
     if not parts or set(parts) - set(PARTS):
         parser.error(f"--parts {args.parts!r}: choose from {', '.join(PARTS)}")
@@ -610,7 +650,6 @@ def run_parts(bench: BenchConfig, parts: list[str], greedy: bool, directory: str
         batch = train_rows(bench, vocab_size, rng)
         score_from = bench.prompt_len
         start = time.perf_counter()
-        # transformers first, then its model and AdamW state are dropped: the last use of both.
         theirs = hf_train_step(model, batch, bench.micro_batch, score_from, bench.hf_gradient_checkpointing, device)
         hf_loss = theirs()
         [hf_train_s] = median_seconds(theirs, repeats=bench.repeats)
@@ -618,19 +657,16 @@ def run_parts(bench: BenchConfig, parts: list[str], greedy: bool, directory: str
         gc.collect()  # the model's and AdamW's tensors sit in reference cycles (checkpointing hooks)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-            lines.append(f"transformers' memory still held before the latro-jax step: "
+            lines.append(f"transformers' memory still held while latro-jax's step runs: "
                          f"{torch.cuda.memory_reserved(device) / 2**30:.2f} GiB reserved")
+        latro_train_s, latro_loss = latro_train_in_child(bench, checkpoint, batch, directory)
+        wall = time.perf_counter() - start
         if "measured" not in results:
             measure_rates()
-        if params is None:
-            config, params = load_model(checkpoint, dtype=bench.dtype)
-        # the same recomputation as transformers' gradient checkpointing: each layer from its input
+        if config is None:  # the weights stayed on disk in this process
+            with open(os.path.join(checkpoint, CONFIG_FILE)) as f:
+                config = config_from_json(f.read())
         config = config.replace(remat=bench.hf_gradient_checkpointing)
-        ours = latro_train_step(config, params, batch, bench.micro_batch, score_from)
-        del params  # donated to the first update
-        latro_loss = ours()
-        [latro_train_s] = median_seconds(ours, repeats=bench.repeats)
-        wall = time.perf_counter() - start
         tokens = batch["tokens"].size
         flops = train_flops(config, num_params, bench.train_batch, bench.train_len, score_from)
         flop_rate = results["measured"]["matmul_flops_per_s"]
@@ -646,8 +682,8 @@ def run_parts(bench: BenchConfig, parts: list[str], greedy: bool, directory: str
         checkpointing = "with" if bench.hf_gradient_checkpointing else "without"
         lines += [
             f"seconds per train step: latro-jax {latro_train_s:.3f}, transformers {hf_train_s:.3f} "
-            f"({checkpointing} gradient checkpointing; timing took {wall:.0f} s with compilation and warm-ups); "
-            f"{flops / tokens / 1e6:.1f} MFLOP per token",
+            f"({checkpointing} gradient checkpointing; timing took {wall:.0f} s with compilation, warm-ups and "
+            f"latro-jax's process); {flops / tokens / 1e6:.1f} MFLOP per token",
             f"train step latro-jax / transformers: {train['latro_jax'] / train['transformers']:.2f}x (goal >= 1.1x); "
             f"loss before the step: latro-jax {latro_loss:.6g}, transformers {hf_loss:.6g}",
         ]
