@@ -7,9 +7,15 @@ and finishes the run. Its metrics and final params equal those of an uninterrupt
 The processes are this file run as a script: XLA reads its device count once per process.
 
 Tolerances: the meshes only reorder sums (partial sums across devices): ~1e-7 relative on
-log-probs. The updates use AdamW at lr 1e-2, whose step is ~lr * sign(gradient) per weight,
-so a disagreement in a gradient or a sampled token would move params by ~1e-2, far above the
-1e-4 compared here (5 updates of float32 reorderings stay below ~1e-5).
+log-probs, 1e-4 on the logged metrics. The updates use AdamW at lr 1e-2, whose step is
+~lr * sign(gradient) per weight, so a disagreement in a gradient or a sampled token would move
+params by ~1e-2, and a wrong shard or a missed reduction would change whole tensors. Params are
+compared two ways (`assert_params_close`): each tensor's update from the starting weights within
+1% of the reference update, relative, in norm (measured: under 1e-3), and every entry within
+1e-3, a tenth of one step. Adam divides each entry's gradient by that entry's own running RMS,
+so where a gradient is a near-cancelling sum the reordering becomes a visible share of a step:
+after 5 updates the median entry differed by 8e-9 and 99.9% by under 2.4e-6, but one entry of
+226k by 1.1e-4 (1% of a step).
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ OVERRIDES = ["pretrain.updates=3", "pretrain.warmup_steps=0", "pretrain.batch=8"
              "train.questions_per_update=4", "rollout.num_samples=4", "train.micro_batch=8", "train.eval_every=3",
              "data.eval_size=4", "train.maj_k=2", "rollout.max_new_tokens=16", "optim.learning_rate=1e-2"]
 STOP_AFTER = 3
-TOLERANCE = 1e-4
+UPDATE_RTOL = 1e-2  # each tensor's update, in norm, relative to the reference update
+ENTRY_ATOL = 1e-3  # every entry: a tenth of one AdamW step at lr 1e-2
 
 
 def experiment(output_dir: str):
@@ -48,6 +55,16 @@ def flat(params) -> dict[str, np.ndarray]:
     from latro_jax.sharding import to_host
 
     return {jax.tree_util.keystr(path): np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(to_host(params))}
+
+
+def assert_params_close(got: dict, want: dict, start: dict) -> None:
+    """Params trained from `start` equal the reference's: every tensor's update within UPDATE_RTOL
+    of the reference update (relative, in norm), every entry within ENTRY_ATOL (module docstring)."""
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        update, error = value - start[name], got[name] - value
+        assert np.linalg.norm(error) <= UPDATE_RTOL * np.linalg.norm(update), name
+        np.testing.assert_allclose(got[name], value, rtol=0, atol=ENTRY_ATOL, err_msg=name)
 
 
 def worker(config_path: str, report_path: str, stop_after: str) -> None:
@@ -184,17 +201,15 @@ def test_two_processes_train_save_and_another_mesh_finishes_the_run(tmp_path):
             assert [(r["greedy_text"], r["maj@2"]) for r in json.load(f)["rows"]] == want
     final = dict(np.load(str(tmp_path / "restored.report.npz")))
     reference = flat(single["params"])
-    assert sorted(final) == sorted(reference)
-    for name, value in reference.items():
-        np.testing.assert_allclose(final[name], value, rtol=0, atol=TOLERANCE, err_msg=name)
+    start = flat(load_model(exp.model.checkpoint)[1])
+    assert_params_close(final, reference, start)
     # tools/eval.py reads the checkpoint the two processes wrote (4 devices) onto this one device.
     single_dir = dataclasses.replace(exp, name="single").run_dir
     _, from_processes, _ = eval_tool().load(os.path.join(checkpoints, str(STOP_AFTER)), "float32")
     _, from_single, _ = eval_tool().load(os.path.join(single_dir, "checkpoints", str(STOP_AFTER)), "float32")
-    for name, value in flat(from_single).items():
-        np.testing.assert_allclose(flat(from_processes)[name], value, rtol=0, atol=TOLERANCE, err_msg=name)
-    moved = max(float(np.max(np.abs(final[n] - v))) for n, v in flat(load_model(exp.model.checkpoint)[1]).items())
-    assert moved > 10 * TOLERANCE  # the updates did move the params
+    assert_params_close(flat(from_processes), flat(from_single), start)
+    moved = max(float(np.max(np.abs(final[n] - v))) for n, v in start.items())
+    assert moved > 10 * ENTRY_ATOL  # the updates did move the params
 
 
 if __name__ == "__main__":
