@@ -70,6 +70,14 @@ def save_params(path: str | os.PathLike, params: nnx.State) -> None:
         checkpointer.wait_until_finished()
 
 
+def on_one_device(abstract):
+    """Abstract arrays (anything with .shape and .dtype) as `jax.ShapeDtypeStruct`s placed on this
+    process's first device: a restore target that reads a checkpoint onto one device, whatever
+    mesh saved it."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+
+
 def restore_params(path: str | os.PathLike, config: ModelConfig, shardings=None) -> nnx.State:
     """Restore params saved by `save_params` into the structure (and dtypes) `config` describes.
 
@@ -79,8 +87,7 @@ def restore_params(path: str | os.PathLike, config: ModelConfig, shardings=None)
     abstract = abstract_params(config)
     target = nnx.to_pure_dict(abstract)
     if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), target)
+        target = on_one_device(target)
     else:
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, nnx.to_pure_dict(shardings)
@@ -104,19 +111,24 @@ def save_model(
             shutil.copyfile(source, os.path.join(tmp, HF_DIR, name))
 
 
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of the model checkpoint directory `path`, without its weights."""
+    config_path = os.path.join(os.fspath(path), CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"{os.fspath(path)} is not a latro-jax model checkpoint (no {CONFIG_FILE}); convert HF weights with "
+            "`make convert SRC=<hf dir or hub id> OUT=<dir>`"
+        )
+    with open(config_path) as f:
+        return config_from_json(f.read())
+
+
 def load_model(path: str | os.PathLike, mesh=None, **config_overrides) -> tuple[ModelConfig, nnx.State]:
     """Read a model checkpoint directory. `config_overrides` (e.g. dtype="bfloat16") apply on load;
     a different `param_dtype` casts the stored params. `mesh`: restore each array straight into
     its shards on it (`sharding.param_shardings`); None: onto the default device."""
     path = os.fspath(path)
-    config_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(
-            f"{path} is not a latro-jax model checkpoint (no {CONFIG_FILE}); convert HF weights with "
-            "`make convert SRC=<hf dir or hub id> OUT=<dir>`"
-        )
-    with open(config_path) as f:
-        stored = config_from_json(f.read())
+    stored = read_config(path)
     shardings = None if mesh is None else param_shardings(mesh, abstract_params(stored))
     params = restore_params(os.path.join(path, PARAMS_DIR), stored, shardings)
     config = stored.replace(**config_overrides)

@@ -18,7 +18,7 @@ import tempfile
 
 import jax
 
-from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, config_from_json, save_model
+from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, read_config, save_model
 from latro_jax.config import ModelConfig
 from latro_jax.experiment import Experiment, ExperimentError, ModelSpec, OptimSpec, PretrainSpec, TrainSpec
 from latro_jax.model import init_params
@@ -111,9 +111,7 @@ def pretrained_base(exp: Experiment, progress: bool = True) -> str:
               f"({spec.updates} updates), cached in {path}")
     result = run(stage, progress=progress)
     hf = os.path.join(init, HF_DIR)
-    with open(os.path.join(init, CONFIG_FILE)) as f:
-        config = config_from_json(f.read())
-    save_model(path, config, result["params"], {name: os.path.join(hf, name) for name in os.listdir(hf)})
+    save_model(path, read_config(init), result["params"], {name: os.path.join(hf, name) for name in os.listdir(hf)})
     with open(os.path.join(path, SETTINGS_FILE), "w") as f:
         json.dump(_settings(exp), f, indent=1)
     return path

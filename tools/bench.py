@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from latro_jax.checkpoint import CONFIG_FILE, config_from_json, load_model  # noqa: E402
+from latro_jax.checkpoint import load_model, read_config  # noqa: E402
 from latro_jax.config import ModelConfig  # noqa: E402
 from latro_jax.convert.hf import convert_hf  # noqa: E402
 from latro_jax.experiment import OptimSpec  # noqa: E402
@@ -664,8 +664,7 @@ def run_parts(bench: BenchConfig, parts: list[str], greedy: bool, directory: str
         if "measured" not in results:
             measure_rates()
         if config is None:  # the weights stayed on disk in this process
-            with open(os.path.join(checkpoint, CONFIG_FILE)) as f:
-                config = config_from_json(f.read())
+            config = read_config(checkpoint)
         config = config.replace(remat=bench.hf_gradient_checkpointing)
         tokens = batch["tokens"].size
         flops = train_flops(config, num_params, bench.train_batch, bench.train_len, score_from)

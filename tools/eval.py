@@ -21,7 +21,7 @@ def load(model: str, dtype: str):
     import jax
     import orbax.checkpoint as ocp
 
-    from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, load_model
+    from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, load_model, on_one_device
     from latro_jax.convert.hf import convert_hf
     from latro_jax.experiment import experiment_from_dict
     from latro_jax.lora import abstract_adapters, lora_config, merge
@@ -39,9 +39,7 @@ def load(model: str, dtype: str):
         trained = abstract_adapters(config, lora) if lora else base  # a LoRA run saves its adapters
         optimizer = make_optimizer(exp.optim, exp.train.updates)
         # Onto this process's first device, whatever mesh the run saved from (eval_shape has no sharding).
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                jax.eval_shape(lambda: {"params": trained, "opt_state": optimizer.init(trained)}))
+        abstract = on_one_device(jax.eval_shape(lambda: {"params": trained, "opt_state": optimizer.init(trained)}))
         with ocp.CheckpointManager(os.path.dirname(os.path.abspath(model)), item_names=("state",)) as manager:
             restored = manager.restore(int(os.path.basename(model)),
                                        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
