@@ -33,14 +33,21 @@ def gold(task: str, example: Example) -> str | None:
 
 
 def generate_texts(config, params, tokenizer, prompts, sampling, rng, batch_size) -> list[list[str]]:
-    """Decoded generations: one list of `sampling.num_samples` texts per prompt."""
+    """Decoded generations: one list of `sampling.num_samples` texts per prompt.
+
+    Every call samples a full batch of `batch_size // num_samples` prompts (a short last batch
+    is filled with copies of its last prompt, whose generations are dropped), so one compiled
+    sampler serves every batch of every evaluation set, and rows split evenly over a mesh."""
     texts = []
-    per_batch = max(1, batch_size // sampling.num_samples)
+    k = sampling.num_samples
+    per_batch = max(1, batch_size // k)
     for start in range(0, len(prompts), per_batch):
-        out = sample(config, params, prompts[start : start + per_batch], jax.random.fold_in(rng, start), sampling)
+        batch = list(prompts[start : start + per_batch])
+        real = len(batch)
+        batch += [batch[-1]] * (per_batch - real)
+        out = sample(config, params, batch, jax.random.fold_in(rng, start), sampling)
         tokens, lengths = to_host((out.tokens, out.lengths))  # gathered from every process
-        decoded = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(tokens, lengths)]
-        k = sampling.num_samples
+        decoded = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(tokens[: real * k], lengths)]
         texts.extend(decoded[i : i + k] for i in range(0, len(decoded), k))
     return texts
 

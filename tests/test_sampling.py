@@ -22,6 +22,7 @@ from conftest import require
 from hf_models import FAMILIES, convert, make_hf_model, within_original_context
 from latro_jax.convert.llama2c import load_llama2c
 from latro_jax.config import ModelConfig
+from latro_jax.evaluate import generate_texts
 from latro_jax.model import init_params
 from latro_jax.sampling import SamplingConfig, categorical, sample, sample_padded
 
@@ -216,6 +217,33 @@ def test_one_compilation_per_bucket():
         out = sample(config, params, prompts, jax.random.key(i), sampling)
         assert out.tokens.shape == (6, sampling.max_new_tokens)
     assert sample_padded._cache_size() - before == 1
+
+
+class _IdsAsText:
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def test_evaluation_batches_share_one_compilation():
+    """generate_texts fills a short last batch with copies of its last prompt and drops their
+    generations: sets of 3, 5 and 13 prompts (batches of 4) compile the sampler once, and each
+    prompt's greedy text is the one it gets when sampled alone."""
+    config = ModelConfig("llama", 97, 32, 48, 1, 2, 1, 16)  # a config no other test compiles
+    params = init_params(config, 1)
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    rng = np.random.default_rng(1)
+    before = sample_padded._cache_size()
+    runs = []
+    for n in (3, 5, 13):
+        prompts = [rng.integers(3, 97, size=rng.integers(2, 17)).tolist() for _ in range(n)]
+        texts = generate_texts(config, params, _IdsAsText(), prompts, sampling, jax.random.key(0), batch_size=4)
+        assert [len(t) for t in texts] == [1] * n
+        runs.append((prompts, texts))
+    assert sample_padded._cache_size() - before == 1
+    for prompts, texts in runs:
+        for prompt, (text,) in zip(prompts[-3:], texts[-3:]):
+            alone = sample(config, params, [prompt], jax.random.key(0), sampling)
+            assert text == " ".join(map(str, np.asarray(alone.tokens[0, : int(alone.lengths[0])])))
 
 
 def test_block_categorical_follows_softmax_over_many_blocks():
