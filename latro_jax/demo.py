@@ -30,6 +30,7 @@ from latro_jax.data.tasks import load_task
 from latro_jax.evaluate import evaluate
 from latro_jax.experiment import Experiment, ExperimentError, PretrainSpec
 from latro_jax.pretrain import pretrained_base, pretrained_path
+from latro_jax.sharding import make_mesh
 from latro_jax.train import load_policy, run
 
 MODELS = ("base", "sft", "latro")
@@ -71,16 +72,21 @@ def run_demo(exp: Experiment, progress: bool = True) -> dict:
         timings[f"stage2_{name}_s"] = time.perf_counter() - begun
 
     begun = time.perf_counter()
-    config, params["base"], tokenizer_dir = load_policy(exp, progress)
+    mesh = make_mesh(exp.mesh)
+    config, base, tokenizer_dir = load_policy(exp, progress, mesh)
+    # Laid out as the trained params are, and evaluated under the mesh as the trainer evaluates:
+    # the samplers compiled for the trainer's evaluations serve all three models.
+    params["base"] = jax.device_put(base, jax.tree.map(lambda x: x.sharding, params["latro"]))
     tokenizer = load_tokenizer(tokenizer_dir)
     fmt = prompt_format(tokenizer)
     test = load_task(exp.data.task, "test", exp.data.source or None)
     key = jax.random.key(exp.train.seed)
-    evaluations = {
-        name: evaluate(config, params[name], tokenizer, fmt, test, exp.data.task, exp.rollout.max_new_tokens,
-                       exp.train.maj_k, key, progress=progress)
-        for name in MODELS
-    }
+    with jax.set_mesh(mesh):
+        evaluations = {
+            name: evaluate(config, params[name], tokenizer, fmt, test, exp.data.task, exp.rollout.max_new_tokens,
+                           exp.train.maj_k, key, progress=progress)
+            for name in MODELS
+        }
     timings["stage3_eval_s"] = time.perf_counter() - begun
     timings["total_s"] = time.perf_counter() - started
     for name, result in evaluations.items():
