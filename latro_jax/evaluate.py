@@ -35,12 +35,13 @@ def gold(task: str, example: Example) -> str | None:
 def generate_texts(config, params, tokenizer, prompts, sampling, rng, batch_size) -> list[list[str]]:
     """Decoded generations: one list of `sampling.num_samples` texts per prompt.
 
-    Every call samples a full batch of `batch_size // num_samples` prompts (a short last batch
-    is filled with copies of its last prompt, whose generations are dropped), so one compiled
-    sampler serves every batch of every evaluation set, and rows split evenly over a mesh."""
+    Prompts go to the sampler in batches of `batch_size // num_samples` (fewer for a smaller set:
+    the power of two above its size), and a short last batch is filled with copies of its last
+    prompt, whose generations are dropped: every batch of every evaluation set of that size has
+    one shape, so one compiled sampler per prompt-length bucket serves them all."""
     texts = []
     k = sampling.num_samples
-    per_batch = max(1, batch_size // k)
+    per_batch = min(max(1, batch_size // k), 1 << max(0, len(prompts) - 1).bit_length())
     for start in range(0, len(prompts), per_batch):
         batch = list(prompts[start : start + per_batch])
         real = len(batch)

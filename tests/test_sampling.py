@@ -224,26 +224,29 @@ class _IdsAsText:
         return " ".join(map(str, ids))
 
 
-def test_evaluation_batches_share_one_compilation():
+@pytest.mark.parametrize("num_samples", [1, 2])
+def test_evaluation_batches_share_one_compilation(num_samples):
     """generate_texts fills a short last batch with copies of its last prompt and drops their
-    generations: sets of 3, 5 and 13 prompts (batches of 4) compile the sampler once, and each
-    prompt's greedy text is the one it gets when sampled alone."""
+    generations: sets of 5, 7 and 13 prompts (batches of 4 prompts) compile the sampler once, and
+    each prompt's greedy texts are the ones it gets when sampled alone."""
     config = ModelConfig("llama", 97, 32, 48, 1, 2, 1, 16)  # a config no other test compiles
     params = init_params(config, 1)
-    sampling = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.0, num_samples=num_samples)
     rng = np.random.default_rng(1)
     before = sample_padded._cache_size()
     runs = []
-    for n in (3, 5, 13):
+    for n in (5, 7, 13):
         prompts = [rng.integers(3, 97, size=rng.integers(2, 17)).tolist() for _ in range(n)]
-        texts = generate_texts(config, params, _IdsAsText(), prompts, sampling, jax.random.key(0), batch_size=4)
-        assert [len(t) for t in texts] == [1] * n
+        texts = generate_texts(config, params, _IdsAsText(), prompts, sampling, jax.random.key(0),
+                               batch_size=4 * num_samples)
+        assert [len(t) for t in texts] == [num_samples] * n
         runs.append((prompts, texts))
     assert sample_padded._cache_size() - before == 1
     for prompts, texts in runs:
-        for prompt, (text,) in zip(prompts[-3:], texts[-3:]):
+        for prompt, samples in zip(prompts[-3:], texts[-3:]):
             alone = sample(config, params, [prompt], jax.random.key(0), sampling)
-            assert text == " ".join(map(str, np.asarray(alone.tokens[0, : int(alone.lengths[0])])))
+            tokens, lengths = np.asarray(alone.tokens), np.asarray(alone.lengths)
+            assert samples == [" ".join(map(str, tokens[i, : lengths[i]])) for i in range(num_samples)]
 
 
 def test_block_categorical_follows_softmax_over_many_blocks():
