@@ -137,8 +137,7 @@ def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, user_messages: Sequence[str]
 ) -> list[list[int]]:
     """Prompt token ids, one list per message, each starting with exactly one BOS where the model uses one."""
-    texts = [render_prompt(tokenizer, m) for m in user_messages]
-    encoded = [_ids(tokenizer, t) for t in texts]
+    encoded = encode_texts(tokenizer, [render_prompt(tokenizer, m) for m in user_messages])
     bos = fmt.bos_token_id
     return [[bos] + ids if bos is not None and ids[:1] != [bos] else ids for ids in encoded]
 
@@ -148,7 +147,7 @@ def encode_answers(
 ) -> list[list[int]]:
     """Token ids of "The answer is {answer}." + end token, tokenized on their own without special
     tokens added (as released: the suffix is tokenized apart from the rationale it follows)."""
-    return [_ids(tokenizer, ANSWER_TEMPLATE.format(answer=a) + fmt.end_token) for a in answers]
+    return encode_texts(tokenizer, [ANSWER_TEMPLATE.format(answer=a) + fmt.end_token for a in answers])
 
 
 def find_stop(
@@ -170,3 +169,11 @@ def find_stop(
 
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens added: one batched call (a fast tokenizer
+    encodes the batch in Rust, several times faster than text by text)."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]

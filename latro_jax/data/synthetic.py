@@ -25,6 +25,7 @@ Splits are pure functions of (split, size, slip): "train" problems never share t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 
@@ -90,7 +91,11 @@ def load_synthetic(split: str, size: int | None = None, slip: float = 0.6) -> li
         raise ValueError(f"arithmetic has no split {split!r}; its splits are {tuple(SPLIT_SEEDS)}")
     if not 0 <= slip <= 1:
         raise ValueError(f"slip={slip} must be a probability in [0, 1]")
-    size = SPLIT_SIZES[split] if size is None else size
+    return list(_generate(split, SPLIT_SIZES[split] if size is None else size, slip))
+
+
+@functools.lru_cache(maxsize=8)  # the demo's stages load the same splits again (50,000 problems: ~5 s)
+def _generate(split: str, size: int, slip: float) -> tuple[Example, ...]:
     rng = np.random.default_rng((20241107, SPLIT_SEEDS[split]))
     held_out = split != "train"
     examples: list[Example] = []
@@ -102,7 +107,7 @@ def load_synthetic(split: str, size: int | None = None, slip: float = 0.6) -> li
             task="arithmetic", id=f"arithmetic/{split}/{len(examples)}",
             question=question, answer=answer, rationale=rationale,
         ))
-    return examples
+    return tuple(examples)
 
 
 def _corpus() -> list[str]:
