@@ -1,4 +1,4 @@
-"""The demo end to end, reduced to fit CI (2.3-2.7 minutes alone): a base model made from scratch, LaTRO improves it."""
+"""The demo end to end, reduced to fit CI (1.7-2.9 minutes alone): a base model made from scratch, LaTRO improves it."""
 
 import json
 import os
