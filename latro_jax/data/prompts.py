@@ -118,8 +118,7 @@ def stop_sequence_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[in
     whitespace (so that a leading "\\n" cannot fuse with the context).
     """
     context = "x" if text[:1].isspace() else "\n"
-    head = _ids(tokenizer, context)
-    ids = _ids(tokenizer, context + text)
+    head, ids = encode_texts(tokenizer, [context, context + text])
     if ids[: len(head)] != head or len(ids) == len(head):
         raise ValueError(f"cannot tokenize stop string {text!r} apart from its context {context!r}")
     return tuple(ids[len(head) :])
@@ -165,10 +164,6 @@ def find_stop(
         if done:
             return i + 1 - max(done)
     return None
-
-
-def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
