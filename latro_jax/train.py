@@ -258,8 +258,42 @@ def sft_rows_loss(config, objective, num_rows, score_from, params, rows):
     return nll, {"sft_loss": jax.lax.stop_gradient(nll), "completion_tokens": tokens}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(6, 7))
 def update(
+    config: ModelConfig,
+    objective: ObjectiveConfig,
+    optimizer: optax.GradientTransformation,
+    micro_batch: int,
+    rows_loss,
+    score_from: int,
+    params: nnx.State,
+    opt_state,
+    rows: dict,
+    frozen=None,
+):
+    """One optimizer step on `rows` (see `_update`), jitted with explicit out_shardings: the new
+    params and optimizer state come back in exactly the shardings `params` and `opt_state` came
+    in (and are donated from), so each update runs in place in the layout the run placed, and the
+    next update (or a checkpoint of another mesh restored into the same shardings) reuses the
+    compiled program. The jitted function of each layout: `update_jit(params, opt_state)`."""
+    return update_jit(params, opt_state)(config, objective, optimizer, micro_batch, rows_loss, score_from, params,
+                                         opt_state, rows, frozen)
+
+
+def update_jit(params, opt_state):
+    """The jitted `_update` whose outputs keep the shardings of `params` and `opt_state` (arrays
+    or `jax.ShapeDtypeStruct`s with shardings, for `.lower`); metrics are left to XLA."""
+    leaves, treedef = jax.tree.flatten(jax.tree.map(lambda x: x.sharding, (params, opt_state)))
+    return _update_jit(treedef, tuple(leaves))
+
+
+@functools.lru_cache(maxsize=32)
+def _update_jit(treedef, leaves: tuple):
+    params_shardings, opt_shardings = jax.tree.unflatten(treedef, leaves)
+    return jax.jit(_update, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(6, 7),
+                   out_shardings=(params_shardings, opt_shardings, None))
+
+
+def _update(
     config: ModelConfig,
     objective: ObjectiveConfig,
     optimizer: optax.GradientTransformation,
@@ -643,6 +677,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                 json.dump(result, f, indent=1)
         return result
 
+    update_step = update_jit(params, opt_state)  # outputs in the shardings placed above, update after update
     metrics: dict = {}
     last_rollout = None
     bar = tqdm(total=t.updates, initial=step, desc=exp.name, unit="update", disable=not (progress and primary))
@@ -665,7 +700,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                 update_started = time.perf_counter()
                 if lora:
                     rows_loss = LoraRowsLoss(rows_loss, lora)
-                params, opt_state, update_metrics = update(
+                params, opt_state, update_metrics = update_step(
                     config, exp.objective, optimizer, t.micro_batch, rows_loss, score_from, params, opt_state, rows, base
                 )
                 jax.block_until_ready(update_metrics["loss"])

@@ -162,6 +162,7 @@ def test_meshes_give_the_single_device_results():
         assert r["specs"] == EXPECTED_SPECS[mesh], mesh
         # Outputs keep their input shardings: the next step needs no resharding or recompile.
         assert r["update_keeps_shardings"], mesh
+        assert r["update_returns_its_input_shardings"], mesh
         assert r["cache_matches_cache_shardings"], mesh
     # The reference did something: greedy rows are not constant and the step moved the params.
     assert report["reference"]["distinct_greedy_tokens"] > 4
@@ -192,6 +193,10 @@ def _same_shardings(arrays, shardings) -> bool:
     return all(
         a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(jax.tree.leaves(arrays), jax.tree.leaves(shardings))
     )
+
+
+def _identical_shardings(arrays, like) -> bool:
+    return all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(arrays), jax.tree.leaves(like)))
 
 
 def _mesh_checks() -> dict:
@@ -279,6 +284,9 @@ def _mesh_checks() -> dict:
             "update_metrics": _max_diff(metrics, ref_metrics),
             "update_keeps_shardings": _same_shardings(new_params, param_shardings)
             and _same_shardings(new_opt_state, opt_shardings),
+            # Not only equivalent: the very shardings placed (update's explicit out_shardings).
+            "update_returns_its_input_shardings": _identical_shardings(new_params, sharded_params)
+            and _identical_shardings(new_opt_state, opt_state),
             "cache_matches_cache_shardings": _same_shardings(sampled.cache, cache_shardings),
             "specs": {
                 "embed": _spec(new_params["embed"][...]),

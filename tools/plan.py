@@ -139,7 +139,7 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
     from latro_jax.sharding import (
         MeshSpec, batch_shardings, cache_shardings, make_mesh, opt_state_shardings, param_shardings,
     )
-    from latro_jax.train import ANSWER_BUCKETS, Questions, latro_rows_loss, make_optimizer, score_rows, update
+    from latro_jax.train import ANSWER_BUCKETS, Questions, latro_rows_loss, make_optimizer, score_rows, update_jit
 
     num_devices = math.prod(mesh_shape)
     devices = jax.devices()
@@ -241,7 +241,7 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
         programs = {
             "sample": sample_padded.lower(*sampler_args),
             "score": score_rows.lower(*score_args, score_batch=exp.train.score_batch),
-            "update": update.lower(*update_args, **update_kwargs),
+            "update": update_jit(trained, opt_state).lower(*update_args, **update_kwargs),
         }
         analyses = {name: lowered.compile().memory_analysis() for name, lowered in programs.items()}
 
