@@ -73,10 +73,9 @@ def run_demo(exp: Experiment, progress: bool = True) -> dict:
 
     begun = time.perf_counter()
     mesh = make_mesh(exp.mesh)
-    config, base, tokenizer_dir = load_policy(exp, progress, mesh)
-    # Laid out as the trained params are, and evaluated under the mesh as the trainer evaluates:
-    # the samplers compiled for the trainer's evaluations serve all three models.
-    params["base"] = jax.device_put(base, jax.tree.map(lambda x: x.sharding, params["latro"]))
+    # On the trainer's mesh, in the shardings the trained params have, and evaluated under the
+    # mesh as the trainer evaluates: the samplers compiled for its evaluations serve all three.
+    config, params["base"], tokenizer_dir = load_policy(exp, progress, mesh)
     tokenizer = load_tokenizer(tokenizer_dir)
     fmt = prompt_format(tokenizer)
     test = load_task(exp.data.task, "test", exp.data.source or None)
