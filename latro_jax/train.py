@@ -258,18 +258,7 @@ def sft_rows_loss(config, objective, num_rows, score_from, params, rows):
     return nll, {"sft_loss": jax.lax.stop_gradient(nll), "completion_tokens": tokens}
 
 
-def update(
-    config: ModelConfig,
-    objective: ObjectiveConfig,
-    optimizer: optax.GradientTransformation,
-    micro_batch: int,
-    rows_loss,
-    score_from: int,
-    params: nnx.State,
-    opt_state,
-    rows: dict,
-    frozen=None,
-):
+def update(config, objective, optimizer, micro_batch, rows_loss, score_from, params, opt_state, rows, frozen=None):
     """One optimizer step on `rows` (see `_update`), jitted with explicit out_shardings: the new
     params and optimizer state come back in exactly the shardings `params` and `opt_state` came
     in (and are donated from), so each update runs in place in the layout the run placed, and the
