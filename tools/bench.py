@@ -4,6 +4,7 @@
     python tools/bench.py --config llama8b         # Llama-3.1-8B shape, random bf16 weights (a GPU)
     python tools/bench.py --config llama8b --parts train   # the 8B train step alone (see below)
     python tools/bench.py --config llama8b --parts train --layers 16   # 8B layers, half of them
+    python tools/bench.py --config llama8b-tiny    # the llama8b code path at a toy size (any CPU)
     python tools/bench.py --batch 8 --new-tokens 32 --repeats 5 --json bench.json
 
 One transformers `LlamaForCausalLM` is initialised at random, saved with `save_pretrained`,
@@ -148,6 +149,15 @@ CONFIGS = {
         copy_bytes=1 << 32,
     ),
 }
+# The llama8b path (bfloat16, Llama 3 RoPE scaling, grouped KV heads, gradient checkpointing on
+# both sides) at a size any CPU runs in a minute: checks the GPU command before a GPU is lent.
+CONFIGS["llama8b-tiny"] = dataclasses.replace(
+    CONFIGS["llama8b"],
+    llama={**CONFIGS["llama8b"].llama, "vocab_size": 4096, "hidden_size": 128, "intermediate_size": 448,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32},
+    batch=4, prompt_len=16, new_tokens=8, score_batch=4, train_batch=4, train_len=64, micro_batch=2, repeats=1,
+    matmul_size=512, copy_bytes=1 << 24,
+)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
