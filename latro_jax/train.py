@@ -259,11 +259,12 @@ def sft_rows_loss(config, objective, num_rows, score_from, params, rows):
 
 
 def update(config, objective, optimizer, micro_batch, rows_loss, score_from, params, opt_state, rows, frozen=None):
-    """One optimizer step on `rows` (see `_update`), jitted with explicit out_shardings: the new
-    params and optimizer state come back in exactly the shardings `params` and `opt_state` came
-    in (and are donated from), so each update runs in place in the layout the run placed, and the
-    next update (or a checkpoint of another mesh restored into the same shardings) reuses the
-    compiled program. The jitted function of each layout: `update_jit(params, opt_state)`."""
+    """One optimizer step on `rows`: `_update` (its arguments, types and result) jitted with
+    explicit out_shardings. The new params and optimizer state come back in exactly the shardings
+    `params` and `opt_state` came in (and are donated from), so each update runs in place in the
+    layout the run placed, and the next update reuses the compiled program (as does, in the same
+    process, a checkpoint of another mesh restored into those shardings). The jitted function of
+    a layout, to call or `.lower`: `update_jit(params, opt_state)`."""
     return update_jit(params, opt_state)(config, objective, optimizer, micro_batch, rows_loss, score_from, params,
                                          opt_state, rows, frozen)
 
@@ -275,6 +276,9 @@ def update_jit(params, opt_state):
     return _update_jit(treedef, tuple(leaves))
 
 
+# jax.jit has no "outputs in the inputs' shardings" option: one jit per layout of params and
+# optimizer state, cached so that its compiled programs are reused (a run has one layout; 32
+# covers the tests' meshes and runs in one process).
 @functools.lru_cache(maxsize=32)
 def _update_jit(treedef, leaves: tuple):
     params_shardings, opt_shardings = jax.tree.unflatten(treedef, leaves)

@@ -1,14 +1,16 @@
 """`tools/bench.py` end to end at a tiny workload: it runs (the train step in its child process),
 writes its JSON, prints the train-step ratio, and both sides compute the same thing on the same
 weights and rows, so the ratios compare like with like. Two paths: cpu-small (float32) cut to one
-layer, and llama8b-tiny, the llama8b path (bfloat16, Llama 3 RoPE, grouped KV heads, gradient
-checkpointing) at a toy size, so the GPU command is checked before a GPU is lent. No timing is
+layer, and llama8b-tiny, which runs the llama8b code path (bfloat16, grouped KV heads, gradient
+checkpointing on both sides) at a toy size, so the GPU command is run before a GPU is lent. (Its
+Llama 3 RoPE scaling barely acts on 64-token rows: the parity tests check the RoPE variants.) No timing is
 asserted (timings are the benchmark's to report, not the tests' to judge).
 
 Tolerances: the same weights and tokens on both sides, so only rounding differs.
 - float32: the order of summations (measured: log-probs within 1e-6, the loss equal to 7 digits).
 - bfloat16: each rounding keeps 8 bits (relative 2^-8 = 0.004), on log-probs near -8 (a 4,096
-  vocabulary) about 0.03 at one rounding; measured 0.0041 on log-probs, 4e-5 relative on the loss.
+  vocabulary) about 0.03 at one rounding; measured 0.0041 on log-probs, 4e-5 relative on the loss
+  (checked to 1e-3: 25 times that).
 """
 
 import json
@@ -25,7 +27,7 @@ TINY = ["--layers", "1", "--batch", "2", "--prompt-len", "8", "--new-tokens", "4
 
 @pytest.mark.parametrize("args, logprob_atol, loss_rtol", [
     (TINY, 1e-4, 1e-4),
-    (["--config", "llama8b-tiny"], 5e-2, 1e-2),
+    (["--config", "llama8b-tiny"], 5e-2, 1e-3),
 ], ids=["cpu-small-float32", "llama8b-tiny-bfloat16"])
 def test_bench_compares_equal_work_and_reports_the_train_ratio(tmp_path, args, logprob_atol, loss_rtol):
     out = tmp_path / "bench.json"

@@ -196,7 +196,7 @@ def _same_shardings(arrays, shardings) -> bool:
 
 
 def _identical_shardings(arrays, like) -> bool:
-    return all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(arrays), jax.tree.leaves(like)))
+    return all(jax.tree.leaves(jax.tree.map(lambda a, b: a.sharding == b.sharding, arrays, like)))
 
 
 def _mesh_checks() -> dict:
