@@ -583,12 +583,13 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
         if new:
             examples = [train_set[i] for i in new]
             prompts = encode_prompts(tokenizer, fmt, [e.question for e in examples])
-            answers = encode_answers(tokenizer, fmt, [e.answer for e in examples])
-            if sft and exp.data.sft_target != "answer":  # the gold rationale, where the task has one
-                rationales = iter(encode_texts(tokenizer, [e.rationale + fmt.end_token for e in examples
-                                                           if e.rationale is not None]))
-                answers = [a if e.rationale is None else next(rationales) for e, a in zip(examples, answers)]
-            tokenized.update(zip(new, zip(prompts, answers)))
+            # SFT's target is the gold rationale where the task has one; otherwise the answer.
+            gold = [sft and exp.data.sft_target != "answer" and e.rationale is not None for e in examples]
+            answers = iter(encode_answers(tokenizer, fmt, [e.answer for e, g in zip(examples, gold) if not g]))
+            rationales = iter(encode_texts(tokenizer, [e.rationale + fmt.end_token
+                                                       for e, g in zip(examples, gold) if g]))
+            targets = [next(rationales) if g else next(answers) for g in gold]
+            tokenized.update(zip(new, zip(prompts, targets)))
         return [tokenized[i] for i in indices]
 
     t = exp.train

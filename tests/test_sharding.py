@@ -189,14 +189,12 @@ def _max_diff(a, b) -> float:
                zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def _same_shardings(arrays, shardings) -> bool:
-    return all(
-        a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(jax.tree.leaves(arrays), jax.tree.leaves(shardings))
-    )
+def _same_shardings(arrays, shardings, exact: bool = False) -> bool:
+    """Each array's sharding equivalent to its entry of `shardings` (exact: equal, spelled alike)."""
+    def same(a, s):
+        return a.sharding == s if exact else a.sharding.is_equivalent_to(s, a.ndim)
 
-
-def _identical_shardings(arrays, like) -> bool:
-    return all(jax.tree.leaves(jax.tree.map(lambda a, b: a.sharding == b.sharding, arrays, like)))
+    return all(jax.tree.leaves(jax.tree.map(same, arrays, shardings)))
 
 
 def _mesh_checks() -> dict:
@@ -285,8 +283,9 @@ def _mesh_checks() -> dict:
             "update_keeps_shardings": _same_shardings(new_params, param_shardings)
             and _same_shardings(new_opt_state, opt_shardings),
             # Not only equivalent: the very shardings placed (update's explicit out_shardings).
-            "update_returns_its_input_shardings": _identical_shardings(new_params, sharded_params)
-            and _identical_shardings(new_opt_state, opt_state),
+            "update_returns_its_input_shardings": _same_shardings(
+                (new_params, new_opt_state), jax.tree.map(lambda x: x.sharding, (sharded_params, opt_state)), exact=True
+            ),
             "cache_matches_cache_shardings": _same_shardings(sampled.cache, cache_shardings),
             "specs": {
                 "embed": _spec(new_params["embed"][...]),
