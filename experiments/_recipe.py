@@ -22,7 +22,7 @@ def latro(name: str, model: str, task: str) -> Experiment:
     recipe = TASKS[task]
     return Experiment(
         name=name,
-        model=ModelSpec(hf=MODELS[model], dtype="bfloat16", remat=True),
+        model=ModelSpec(hf=MODELS[model], dtype="bfloat16", remat="projections"),
         data=DataSpec(task=task),
         rollout=RolloutSpec(num_samples=16, max_new_tokens=500, temperature=1.0),
         objective=ObjectiveConfig(beta=recipe["beta"], sft_coef=0.0),

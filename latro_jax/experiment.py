@@ -13,6 +13,7 @@ import os
 import sys
 import typing
 
+from latro_jax.config import REMAT_MODES, remat_mode
 from latro_jax.data.tasks import SPLITS
 from latro_jax.objective import ObjectiveConfig
 from latro_jax.sharding import DistributedSpec, MeshSpec
@@ -33,7 +34,12 @@ class ModelSpec:
     dtype: str = "bfloat16"  # compute dtype; params are always float32 while training
     lora_rank: int = 0  # 0 = full fine-tuning; r > 0 trains rank-r adapters on a frozen base (latro_jax.lora)
     lora_alpha: float = 16.0  # the adapters' delta is scaled by lora_alpha / lora_rank
-    remat: bool = False  # gradients recompute each layer's activations (less memory, ~1/3 more compute)
+    # what the backward pass recomputes: none | full (each layer; least memory, ~1/3 more compute) |
+    # projections (keeps each layer's projection outputs; recomputes attention and elementwise work)
+    remat: str = "none"
+
+    def __post_init__(self):
+        object.__setattr__(self, "remat", remat_mode(self.remat))  # a run's config.json from before: true/false
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +140,7 @@ def validate(exp: Experiment) -> Experiment:
                "set exactly one: a latro-jax checkpoint directory or an HF directory / hub id")
     _check(p.updates >= 0, "pretrain.updates", p.updates, "must be >= 0")
     _check(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "allowed: float32, bfloat16")
+    _check(m.remat in REMAT_MODES, "model.remat", m.remat, f"allowed: {', '.join(REMAT_MODES)}")
     _check(m.lora_rank >= 0, "model.lora_rank", m.lora_rank, "must be >= 0 (0 = full fine-tuning)")
     _check(m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha, "must be > 0")
     _check(d.task in SPLITS, "data.task", d.task, f"allowed: {', '.join(SPLITS)}")

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from latro_jax.config import ModelConfig
 from latro_jax.rope import apply_rotary, rotary_tables
@@ -201,6 +202,24 @@ def _dense_bwd(n, preferred, residuals, g):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+def _saved(projection: jax.Array) -> jax.Array:
+    """A projection's output that `remat="projections"` keeps for the backward pass. With these
+    (q, k, v, o, gate, up) the backward pass recomputes only the attention scores, norms, rotary
+    and activation, not a matmul against a weight: the down projection's output is not needed
+    (its gradient is the residual stream's) and its input is silu(gate) * up."""
+    return checkpoint_name(projection, "projection")
+
+
+_REMAT_POLICIES = {"full": None, "projections": jax.checkpoint_policies.save_only_these_names("projection")}
+
+
+def _remat(config: ModelConfig, layer_fn, **checkpoint_args):
+    """A layer's function as `config.remat` asks the backward pass to treat it (config.REMAT_MODES)."""
+    if config.remat == "none":
+        return layer_fn
+    return jax.checkpoint(layer_fn, policy=_REMAT_POLICIES[config.remat], **checkpoint_args)
+
+
 def _attend(q, k, v, q_pos, k_pos, window: int | None) -> jax.Array:
     """q: [B, T, H, D]; k, v: [B, KV, S, D]; q_pos [B, T], k_pos [B, S] (-1 = not attendable)."""
     b, t, h, d = q.shape
@@ -220,9 +239,9 @@ def _attend(q, k, v, q_pos, k_pos, window: int | None) -> jax.Array:
 
 def _attention_block(attn: Attention, cfg: ModelConfig, x, cos, sin, q_pos, k_pos, cache_kv, index, window):
     dtype = x.dtype
-    q = dense(x, attn.q_proj[...].astype(dtype))
-    k = dense(x, attn.k_proj[...].astype(dtype))
-    v = dense(x, attn.v_proj[...].astype(dtype))
+    q = _saved(dense(x, attn.q_proj[...].astype(dtype)))
+    k = _saved(dense(x, attn.k_proj[...].astype(dtype)))
+    v = _saved(dense(x, attn.v_proj[...].astype(dtype)))
     if cfg.qkv_bias:
         q = q + attn.q_bias[...].astype(dtype)
         k = k + attn.k_bias[...].astype(dtype)
@@ -237,7 +256,7 @@ def _attention_block(attn: Attention, cfg: ModelConfig, x, cos, sin, q_pos, k_po
         v = constrain(jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=2), CACHE_KV)
         cache_kv = (k, v)
     out = _attend(q, k.astype(dtype), v.astype(dtype), q_pos, k_pos, window)
-    out = dense(out, attn.o_proj[...].astype(dtype), 2)
+    out = _saved(dense(out, attn.o_proj[...].astype(dtype), 2))
     if cfg.o_bias:
         out = out + attn.o_bias[...].astype(dtype)
     return out, cache_kv
@@ -245,8 +264,8 @@ def _attention_block(attn: Attention, cfg: ModelConfig, x, cos, sin, q_pos, k_po
 
 def _mlp(mlp: MLP, x: jax.Array) -> jax.Array:
     dtype = x.dtype
-    gate = dense(x, mlp.gate_proj[...].astype(dtype))
-    up = dense(x, mlp.up_proj[...].astype(dtype))
+    gate = _saved(dense(x, mlp.gate_proj[...].astype(dtype)))
+    up = _saved(dense(x, mlp.up_proj[...].astype(dtype)))
     return dense(jax.nn.silu(gate) * up, mlp.down_proj[...].astype(dtype))
 
 
@@ -291,8 +310,8 @@ def _split_weights() -> bool:
 def _scan_layers(config: ModelConfig, layers, x, cos, sin, q_pos) -> jax.Array:
     """Every layer without a cache (training and scoring forwards) as one `lax.scan` over the
     layers' stacked weights: under fsdp each step gathers one layer's weights, so one layer's are
-    alive at a time (an unrolled loop lets XLA gather them all up front); with `config.remat` the
-    backward pass recomputes each layer from its input, the only activation kept per layer."""
+    alive at a time (an unrolled loop lets XLA gather them all up front); `config.remat` says what
+    the backward pass recomputes (with "full", each layer from its input, the only activation kept)."""
     dtype = jnp.dtype(config.dtype)
     layer_def = nnx.split(layers[0])[0]
     weights = [_compute_weights(nnx.state(layer), dtype) for layer in layers]
@@ -304,8 +323,7 @@ def _scan_layers(config: ModelConfig, layers, x, cos, sin, q_pos) -> jax.Array:
         x, _ = _decoder_layer(config, window, layer_def, layer_weights, x, cos, sin, q_pos, q_pos, None, None)
         return x, None
 
-    if config.remat:
-        body = jax.checkpoint(body, prevent_cse=False)  # prevent_cse is unneeded under scan
+    body = _remat(config, body, prevent_cse=False)  # prevent_cse is unneeded under scan
     x, _ = jax.lax.scan(body, x, (stacked, windows))
     return x
 
@@ -349,8 +367,8 @@ def hidden_states(
         layer_def, weights = nnx.split(layer)
         x, weights = _fence(x, weights, dtype)
         step = functools.partial(_decoder_layer, config, config.sliding_windows[i], layer_def)
-        if cache is None and config.remat:  # the backward pass recomputes the layer from its input
-            step = jax.checkpoint(step)
+        if cache is None:  # a training forward: what the backward pass recomputes
+            step = _remat(config, step)
         cache_kv = None if cache is None else (cache.k[i], cache.v[i])
         x, cache_kv = step(weights, x, cos, sin, q_pos, k_pos, cache_kv, None if cache is None else cache.index)
         if cache is not None:

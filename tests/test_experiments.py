@@ -5,6 +5,7 @@ bit for bit. Also: the run writes metrics.jsonl, TensorBoard events, evaluations
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,8 +17,9 @@ import pytest
 
 from conftest import require
 from hf_models import make_hf_model
+from latro_jax.config import ConfigError, ModelConfig
 from latro_jax.convert.hf import convert_hf
-from latro_jax.experiment import ExperimentError, load_experiment
+from latro_jax.experiment import ExperimentError, experiment_from_dict, load_experiment
 from latro_jax.train import run
 from shared_tokenizers import built
 
@@ -124,10 +126,25 @@ def test_a_mesh_the_devices_cannot_make_names_the_fields(tmp_path):
     ("train.micro_batch=5", "train.micro_batch=5 is invalid; must divide the 384 rows"),
     ("mesh.data=0", "mesh.data=0.*MeshSpec.data=0 must be a positive device count or -1"),
     ("mesh.tensor=-1", "mesh.tensor=-1.*only one axis may be -1"),
+    ("model.remat=some", "model.remat='some' is invalid; allowed: none, full, projections"),
 ])
 def test_bad_overrides_name_the_field(override, message):
     with pytest.raises(ExperimentError, match=message):
         load_experiment("gsm8k_llama", [override])
+
+
+def test_remat_reads_the_older_true_false():
+    """model.remat was a flag before it was a mode: overrides and a run's config.json that say
+    true/false still load, as full/none, in the experiment and in a checkpoint's ModelConfig."""
+    assert load_experiment("gsm8k_llama", []).model.remat == "projections"
+    assert load_experiment("gsm8k_llama", ["model.remat=true"]).model.remat == "full"
+    assert load_experiment("gsm8k_llama", ["model.remat=False"]).model.remat == "none"
+    fields = dataclasses.asdict(load_experiment("gsm8k_llama", []))
+    fields["model"]["remat"] = True
+    assert experiment_from_dict(fields).model.remat == "full"
+    assert ModelConfig("llama", 64, 32, 48, 2, 4, 2, 8, remat=False).remat == "none"
+    with pytest.raises(ConfigError, match="remat='some'; allowed: none, full, projections"):
+        ModelConfig("llama", 64, 32, 48, 2, 4, 2, 8, remat="some")
 
 
 def cli_overrides(checkpoint, source, output_dir, updates):

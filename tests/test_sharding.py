@@ -31,10 +31,11 @@ from latro_jax.sharding import DistributedSpec, MeshSpec, initialize_distributed
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8))
 # 8 heads and mlp/vocab divisible by 8: tensor=8 splits them. 4 kv heads: split on tensor=2,
-# replicated on tensor=8 (the fallback).
+# replicated on tensor=8 (the fallback). remat as the 8B recipes set it: under fsdp or tensor
+# the layers run as a scan whose backward pass keeps the projections; on one device, unrolled.
 CONFIG = ModelConfig(
     "llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=8, num_kv_heads=4,
-    head_dim=8,
+    head_dim=8, remat="projections",
 )
 TOLERANCE = 1e-5
 

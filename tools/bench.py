@@ -22,9 +22,11 @@ The train step is `train.update` with `train.latro_rows_loss` (policy forward+ba
 prompt+rationale+answer rows in micro-batches, then AdamW) beside transformers' forward,
 the same surrogate (-advantage x the rationale's summed log-probs / rows, LM head only past the
 prompt via `logits_to_keep`), `.backward()` per micro-batch and one `torch.optim.AdamW` step,
-with gradient checkpointing where the config asks for it (llama8b). Its model FLOP utilisation
-(MFU) is 3 x the forward's FLOPs (no recomputation counted) per second over the measured matmul
-rate. transformers' step runs in this process, then its model and optimizer state are dropped,
+with gradient checkpointing where the config asks for it (llama8b: every layer is recomputed, as
+transformers measured in the goal). latro-jax's backward pass recomputes what the experiments
+set (`--remat`; llama8b: "projections", the 8B recipes' setting, recomputes the attention and
+elementwise work but no projection). Its model FLOP utilisation (MFU) is 3 x the forward's
+FLOPs (no recomputation counted) per second over the measured matmul rate. transformers' step runs in this process, then its model and optimizer state are dropped,
 and latro-jax's step runs in a child process of its own (`--train-child`) on the same rows and
 weights: an 8B model's bf16 weights, gradients and AdamW moments are 64 GB, and neither torch's
 caching allocator nor JAX's (which keeps what it has grown) returns memory to the other within
@@ -57,7 +59,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from latro_jax.checkpoint import load_model, read_config  # noqa: E402
-from latro_jax.config import ModelConfig  # noqa: E402
+from latro_jax.config import REMAT_MODES, ModelConfig  # noqa: E402
 from latro_jax.convert.hf import convert_hf  # noqa: E402
 from latro_jax.experiment import OptimSpec  # noqa: E402
 from latro_jax.objective import ObjectiveConfig  # noqa: E402
@@ -81,6 +83,7 @@ class BenchConfig:
     train_answer_len: int
     micro_batch: int  # rows per forward+backward on both sides; gradients add up over the batch
     hf_gradient_checkpointing: bool  # transformers recomputes each layer in the backward pass
+    remat: str  # what latro-jax's backward pass recomputes (ModelConfig.remat), as the experiments set it
     repeats: int
     matmul_size: int  # side of the square matmul that measures the FLOP rate
     copy_bytes: int  # size of the copy that measures memory bandwidth
@@ -108,6 +111,7 @@ CONFIGS = {
         train_answer_len=16,
         micro_batch=4,
         hf_gradient_checkpointing=False,
+        remat="none",
         repeats=3,
         matmul_size=2048,
         copy_bytes=1 << 28,
@@ -144,12 +148,13 @@ CONFIGS = {
         train_answer_len=16,
         micro_batch=4,
         hf_gradient_checkpointing=True,
+        remat="projections",  # as the 8B recipes (experiments/_recipe.py)
         repeats=3,
         matmul_size=8192,
         copy_bytes=1 << 32,
     ),
 }
-# The llama8b code path (bfloat16, grouped KV heads, gradient checkpointing on both sides) at a
+# The llama8b code path (bfloat16, grouped KV heads, recomputation in the backward pass) at a
 # size any CPU runs in a minute: runs the GPU command before a GPU is lent.
 CONFIGS["llama8b-tiny"] = dataclasses.replace(
     CONFIGS["llama8b"],
@@ -425,9 +430,7 @@ def train_child(work: str) -> None:
     bench = BenchConfig(**job["bench"])
     with np.load(os.path.join(work, "rows.npz")) as saved:
         batch = dict(saved)
-    config, params = load_model(job["checkpoint"], dtype=bench.dtype)
-    # the same recomputation as transformers' gradient checkpointing: each layer from its input
-    config = config.replace(remat=bench.hf_gradient_checkpointing)
+    config, params = load_model(job["checkpoint"], dtype=bench.dtype, remat=bench.remat)
     ours = latro_train_step(config, params, batch, bench.micro_batch, bench.prompt_len)
     del params  # donated to the first update
     loss = ours()
@@ -508,6 +511,10 @@ def main() -> None:
     parser.add_argument("--greedy", action="store_true", help="argmax decoding on both sides instead of sampling")
     parser.add_argument("--layers", type=int, help="decoder layers (default: the config's), e.g. fewer of the 8B "
                         "shape where a whole 8B train step does not fit the device")
+    parser.add_argument("--remat", choices=REMAT_MODES,
+                        help="what latro-jax's backward pass recomputes (default: the config's)")
+    parser.add_argument("--hf-gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                        help="transformers recomputes each layer in the backward pass (default: the config's)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--train-child", metavar="DIR", help=argparse.SUPPRESS)  # latro_train_in_child's process
     args = parser.parse_args()
@@ -519,7 +526,7 @@ def main() -> None:
     overrides = {
         field: getattr(args, field)
         for field in ("batch", "prompt_len", "new_tokens", "score_batch", "train_batch", "train_len", "micro_batch",
-                      "repeats")
+                      "repeats", "remat", "hf_gradient_checkpointing")
         if getattr(args, field) is not None
     }
     bench = dataclasses.replace(CONFIGS[args.config], **overrides)
@@ -677,7 +684,6 @@ def run_parts(bench: BenchConfig, parts: list[str], greedy: bool, directory: str
             measure_rates()
         if config is None:  # the weights stayed on disk in this process
             config = read_config(checkpoint)
-        config = config.replace(remat=bench.hf_gradient_checkpointing)
         tokens = batch["tokens"].size
         flops = train_flops(config, num_params, bench.train_batch, bench.train_len, score_from)
         flop_rate = results["measured"]["matmul_flops_per_s"]
@@ -692,9 +698,9 @@ def run_parts(bench: BenchConfig, parts: list[str], greedy: bool, directory: str
         ]
         checkpointing = "with" if bench.hf_gradient_checkpointing else "without"
         lines += [
-            f"seconds per train step: latro-jax {latro_train_s:.3f}, transformers {hf_train_s:.3f} "
-            f"({checkpointing} gradient checkpointing; timing took {wall:.0f} s with compilation, warm-ups and "
-            f"latro-jax's process); {flops / tokens / 1e6:.1f} MFLOP per token",
+            f"seconds per train step: latro-jax {latro_train_s:.3f} (remat {bench.remat}), transformers "
+            f"{hf_train_s:.3f} ({checkpointing} gradient checkpointing); timing took {wall:.0f} s with compilation, "
+            f"warm-ups and latro-jax's process; {flops / tokens / 1e6:.1f} MFLOP per token",
             f"train step latro-jax / transformers: {train['latro_jax'] / train['transformers']:.2f}x (goal >= 1.1x); "
             f"loss before the step: latro-jax {latro_loss:.6g}, transformers {hf_loss:.6g}",
         ]
