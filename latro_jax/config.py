@@ -27,10 +27,11 @@ REMAT_MODES = ("none", "full", "projections")
 
 
 def remat_mode(value: bool | str) -> str:
-    """A remat setting as one of REMAT_MODES. Before it was a mode it was a flag: true (or the
-    override `model.remat=true`) meant full, false none."""
+    """A remat setting as one of REMAT_MODES, in any case. Before it was a mode it was a flag:
+    true (or the override `model.remat=true`, =1, =yes) meant full, false none."""
     if isinstance(value, str):
-        value = {"true": True, "false": False}.get(value.lower(), value)
+        value = value.strip().lower()
+        value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(value, value)
     return ("full" if value else "none") if isinstance(value, bool) else value
 
 

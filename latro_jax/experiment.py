@@ -74,7 +74,9 @@ class OptimSpec:
 class TrainSpec:
     method: str = "latro"  # latro | sft
     questions_per_update: int = 24
-    micro_batch: int = 4  # rows per forward+backward; the update accumulates over all of them
+    # rows per forward+backward on each batch shard (mesh data x fsdp; the paper's 4 per GPU), at most
+    # all rows; the update accumulates the gradient over all of them (train.micro_batch_rows)
+    micro_batch: int = 4
     score_batch: int = 0  # rows per reference forward when scoring a rollout; 0 = all rows at once
     rollout_batch: int = 0  # questions sampled and scored at a time (their KV cache); 0 = all at once
     updates: int = 117

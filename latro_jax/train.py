@@ -106,6 +106,22 @@ def micro_batches(rows, micro_batch: int):
     return jax.tree.map(split, rows)
 
 
+def micro_batch_rows(micro_batch: int, rows: int, mesh: jax.sharding.Mesh) -> int:
+    """Rows per forward+backward of an update of `rows` rows: `train.micro_batch` counts rows per
+    batch shard (a group of devices holding the same rows: mesh data x fsdp), as the paper's
+    "micro-batches of 4" are per GPU, so that every device works on rows of its own; capped at
+    all the rows. A count that does not divide the rows is an error naming the field."""
+    shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    per_step = min(micro_batch * shards, rows)
+    if rows % per_step:
+        raise ExperimentError(
+            f"train.micro_batch={micro_batch}: {micro_batch} rows on each of the mesh's {shards} batch shards "
+            f"(data x fsdp) is {per_step} rows per forward+backward, which does not divide the {rows} rows of an "
+            "update; choose a train.micro_batch whose multiple by data x fsdp divides them"
+        )
+    return per_step
+
+
 def unmicro_batches(values):
     """The inverse of `micro_batches`: [M, micro_batch, ...] -> [N, ...] in the original row order."""
     return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), values)
@@ -566,6 +582,8 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
         mesh = make_mesh(exp.mesh)
     except ValueError as e:
         raise ExperimentError(f"mesh: {e} (mesh.data, mesh.fsdp, mesh.tensor)") from None
+    t, sft = exp.train, exp.train.method == "sft"
+    micro_rows = micro_batch_rows(t.micro_batch, t.questions_per_update * (1 if sft else exp.rollout.num_samples), mesh)
     config, params, tokenizer_dir = load_policy(exp, progress, mesh)
     tokenizer = tokenizer or load_tokenizer(tokenizer_dir)
     fmt = prompt_format(tokenizer)
@@ -573,7 +591,6 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
     train_set = load_task(exp.data.task, exp.data.train_split, source)
     eval_set = load_task(exp.data.task, exp.data.eval_split, source)
     eval_set = eval_set[: exp.data.eval_size or None]
-    sft = exp.train.method == "sft"
 
     tokenized: dict[int, tuple[list[int], list[int]]] = {}
 
@@ -592,7 +609,6 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
             tokenized.update(zip(new, zip(prompts, targets)))
         return [tokenized[i] for i in indices]
 
-    t = exp.train
     optimizer = make_optimizer(exp.optim, t.updates)
     lora = lora_config(exp.model)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -695,7 +711,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                 if lora:
                     rows_loss = LoraRowsLoss(rows_loss, lora)
                 params, opt_state, update_metrics = update_step(
-                    config, exp.objective, optimizer, t.micro_batch, rows_loss, score_from, params, opt_state, rows, base
+                    config, exp.objective, optimizer, micro_rows, rows_loss, score_from, params, opt_state, rows, base
                 )
                 jax.block_until_ready(update_metrics["loss"])
                 now = time.perf_counter()

@@ -31,12 +31,14 @@ from latro_jax.sharding import DistributedSpec, MeshSpec, initialize_distributed
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8))
 # 8 heads and mlp/vocab divisible by 8: tensor=8 splits them. 4 kv heads: split on tensor=2,
-# replicated on tensor=8 (the fallback). remat as the 8B recipes set it: under fsdp or tensor
-# the layers run as a scan whose backward pass keeps the projections; on one device, unrolled.
+# replicated on tensor=8 (the fallback).
 CONFIG = ModelConfig(
-    "llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=8, num_kv_heads=4,
-    head_dim=8, remat="projections",
+    "llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
+    head_dim=8,
 )
+# What each mesh's train step recomputes (the reference, on one device, keeps everything): under
+# fsdp or tensor the layers run as a scan, otherwise unrolled; every mode meets the scan once.
+MESH_REMAT = {(8, 1, 1): "projections", (2, 4, 1): "projections", (2, 2, 2): "full", (1, 1, 8): "none"}
 TOLERANCE = 1e-5
 
 
@@ -237,13 +239,14 @@ def _mesh_checks() -> dict:
         OptimSpec(learning_rate=1e-3, eps=1e-4, weight_decay=0.01, clip_norm=1.0), updates=10
     )
 
-    def run(params, opt_state, batch, prompts, rows):
+    def run(params, opt_state, batch, prompts, rows, remat="none"):
         logits, _ = forward_jit(CONFIG, params, batch["tokens"], batch["positions"], batch["attention_mask"])
         sampled = sample_padded(CONFIG, greedy, 8, params, prompts["prompt_tokens"], prompts["prompt_mask"],
                                 jax.random.key(0), jnp.int32(8))
         scores = logprobs_jit(CONFIG, params, batch["tokens"], batch["attention_mask"], chunk_size=4, score_from=6)
         copy = jax.tree.map(jnp.copy, (params, opt_state))  # update donates them
-        new_params, new_opt_state, metrics = update(CONFIG, objective, optimizer, 4, latro_rows_loss, 6, *copy, rows)
+        new_params, new_opt_state, metrics = update(CONFIG.replace(remat=remat), objective, optimizer, 4,
+                                                    latro_rows_loss, 6, *copy, rows)
         return logits, sampled, scores, new_params, new_opt_state, metrics
 
     # The reference params come from the same jitted init as the sharded ones, on a 1-device mesh.
@@ -268,7 +271,8 @@ def _mesh_checks() -> dict:
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(sharded_params)
         placed = [jax.device_put(x, sharding.batch_shardings(mesh, x)) for x in (batch, prompts, rows)]
         with jax.set_mesh(mesh):
-            logits, sampled, scores, new_params, new_opt_state, metrics = run(sharded_params, opt_state, *placed)
+            logits, sampled, scores, new_params, new_opt_state, metrics = run(sharded_params, opt_state, *placed,
+                                                                              remat=MESH_REMAT[shape])
         cache_shardings = sharding.cache_shardings(mesh, sampled.cache)
         q_proj = new_params["layers"][0]["attn"]["q_proj"][...]
         down_proj = new_params["layers"][CONFIG.num_layers - 1]["mlp"]["down_proj"][...]

@@ -24,7 +24,7 @@ the same surrogate (-advantage x the rationale's summed log-probs / rows, LM hea
 prompt via `logits_to_keep`), `.backward()` per micro-batch and one `torch.optim.AdamW` step,
 with gradient checkpointing where the config asks for it (llama8b: every layer is recomputed, as
 transformers measured in the goal). latro-jax's backward pass recomputes what the experiments
-set (`--remat`; llama8b: "projections", the 8B recipes' setting, recomputes the attention and
+set (`--remat`; llama8b: "projections", the paper recipes' setting, recomputes the attention and
 elementwise work but no projection). Its model FLOP utilisation (MFU) is 3 x the forward's
 FLOPs (no recomputation counted) per second over the measured matmul rate. transformers' step runs in this process, then its model and optimizer state are dropped,
 and latro-jax's step runs in a child process of its own (`--train-child`) on the same rows and
@@ -148,7 +148,7 @@ CONFIGS = {
         train_answer_len=16,
         micro_batch=4,
         hf_gradient_checkpointing=True,
-        remat="projections",  # as the 8B recipes (experiments/_recipe.py)
+        remat="projections",  # as the paper recipes (experiments/_recipe.py)
         repeats=3,
         matmul_size=8192,
         copy_bytes=1 << 32,

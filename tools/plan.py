@@ -139,7 +139,9 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
     from latro_jax.sharding import (
         MeshSpec, batch_shardings, cache_shardings, make_mesh, opt_state_shardings, param_shardings,
     )
-    from latro_jax.train import ANSWER_BUCKETS, Questions, latro_rows_loss, make_optimizer, score_rows, update_jit
+    from latro_jax.train import (
+        ANSWER_BUCKETS, Questions, latro_rows_loss, make_optimizer, micro_batch_rows, score_rows, update_jit,
+    )
 
     num_devices = math.prod(mesh_shape)
     devices = jax.devices()
@@ -159,6 +161,7 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
 
     k, questions = exp.rollout.num_samples, exp.train.questions_per_update
     n = questions * k
+    micro_rows = micro_batch_rows(exp.train.micro_batch, n, mesh)  # as train.run: train.micro_batch per batch shard
     chunk = min(exp.train.rollout_batch or questions, questions)  # questions sampled and scored at a time, as train.rollout
     chunk_rows = chunk * k
     steps = bucket(exp.rollout.max_new_tokens, SamplingConfig().length_buckets)
@@ -231,11 +234,11 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
                                                "answer_lengths": ((chunk,), jnp.int32)}))
         score_args = (compute_config, sampled, reference, out, chunk_questions)
         if lora is None:
-            update_args = (train_config, exp.objective, optimizer, exp.train.micro_batch, latro_rows_loss, prompt_len,
+            update_args = (train_config, exp.objective, optimizer, micro_rows, latro_rows_loss, prompt_len,
                            trained, opt_state, rows)
             update_kwargs = {}
         else:
-            update_args = (base_config, exp.objective, optimizer, exp.train.micro_batch,
+            update_args = (base_config, exp.objective, optimizer, micro_rows,
                            LoraRowsLoss(latro_rows_loss, lora), prompt_len, trained, opt_state, rows)
             update_kwargs = {"frozen": base}
         programs = {
@@ -282,7 +285,7 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
         "lora_rank": lora_rank,
         "shapes": {"questions": questions, "samples": k, "rows": n, "prompt_slots": prompt_len,
                    "generation_slots": steps, "answer_slots": answer_len, "row_length": length,
-                   "micro_batch": exp.train.micro_batch, "rollout_questions": chunk,
+                   "micro_batch": micro_rows, "micro_batch_per_shard": exp.train.micro_batch, "rollout_questions": chunk,
                    "score_batch": min(exp.train.score_batch or chunk_rows, chunk_rows)},
         "state_bytes_per_device": state_bytes,
         "kv_cache_bytes_per_device": cache_bytes,
@@ -316,15 +319,13 @@ def print_plan(result: dict) -> None:
           f"data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']} ({mesh['platform']} compiler)")
     print(f"rollout: {shapes['questions']} questions x {shapes['samples']} samples = {shapes['rows']} rows of "
           f"{shapes['prompt_slots']} prompt + {shapes['generation_slots']} generated + {shapes['answer_slots']} "
-          f"answer slots; update in micro-batches of {shapes['micro_batch']} rows")
+          f"answer slots; update in micro-batches of {shapes['micro_batch']} rows "
+          f"(train.micro_batch={shapes['micro_batch_per_shard']} per batch shard)")
     print(f"sampled and scored {shapes['rollout_questions']} questions at a time, the reference forward over "
           f"{shapes['score_batch']} rows at a time")
-    rows_per_shard = shapes["micro_batch"] / (mesh["data"] * mesh["fsdp"])
-    if rows_per_shard < 1:
-        print(f"note: a micro-batch of {shapes['micro_batch']} rows cannot be split over the "
-              f"{mesh['data'] * mesh['fsdp']} "
-              "batch shards (data x fsdp): each is computed whole on several devices; set train.micro_batch to a "
-              "multiple of data x fsdp")
+    if shapes["micro_batch"] < mesh["data"] * mesh["fsdp"]:
+        print(f"note: the update's {shapes['micro_batch']} rows cannot be split over the {mesh['data'] * mesh['fsdp']} "
+              "batch shards (data x fsdp): each row is computed whole on several devices")
     print("\nper device:")
     for name, size in result["state_bytes_per_device"].items():
         print(f"  {name:<26} {gb(size):>10}")
