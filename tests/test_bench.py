@@ -1,6 +1,7 @@
 """`tools/bench.py` end to end at a tiny workload: it runs (the train step in its child process),
 writes its JSON, prints the train-step ratio, and both sides compute the same thing on the same
-weights and rows, so the ratios compare like with like. Two paths: cpu-small (float32) cut to one
+weights and rows (the same loss and gradient; what each recomputes in the backward pass is its
+own: the bench reports both settings). Two paths: cpu-small (float32) cut to one
 layer, and llama8b-tiny, which runs the llama8b code path (bfloat16, grouped KV heads,
 transformers' gradient checkpointing, our remat="projections") at a toy size, so the GPU command is run before a GPU is lent. (Its
 Llama 3 RoPE scaling barely acts on 64-token rows: the parity tests check the RoPE variants.) No timing is
