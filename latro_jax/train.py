@@ -107,19 +107,20 @@ def micro_batches(rows, micro_batch: int):
 
 
 def micro_batch_rows(micro_batch: int, rows: int, mesh: jax.sharding.Mesh) -> int:
-    """Rows per forward+backward of an update of `rows` rows: `train.micro_batch` counts rows per
-    batch shard (a group of devices holding the same rows: mesh data x fsdp), as the paper's
-    "micro-batches of 4" are per GPU, so that every device works on rows of its own; capped at
-    all the rows. A count that does not divide the rows is an error naming the field."""
+    """Rows per forward+backward of an update of `rows` rows. `train.micro_batch` is at most that
+    many rows on each batch shard (a group of devices holding the same rows: mesh data x fsdp), as
+    the paper's "micro-batches of 4" are per GPU, so that every device works on rows of its own:
+    the shards times the largest count <= micro_batch that divides each shard's rows. Where the
+    rows do not split evenly over the shards (a row is then computed on several devices; plan.py
+    says so), the largest divisor of the rows <= micro_batch x shards."""
     shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-    per_step = min(micro_batch * shards, rows)
-    if rows % per_step:
-        raise ExperimentError(
-            f"train.micro_batch={micro_batch}: {micro_batch} rows on each of the mesh's {shards} batch shards "
-            f"(data x fsdp) is {per_step} rows per forward+backward, which does not divide the {rows} rows of an "
-            "update; choose a train.micro_batch whose multiple by data x fsdp divides them"
-        )
-    return per_step
+
+    def largest_divisor(n: int, at_most: int) -> int:
+        return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+    if rows % shards == 0:
+        return shards * largest_divisor(rows // shards, micro_batch)
+    return largest_divisor(rows, micro_batch * shards)
 
 
 def unmicro_batches(values):
@@ -718,6 +719,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                 real_tokens = int(to_host(jnp.sum(rows["attention_mask"])))
                 metrics = {k: float(v) for k, v in to_host({**rollout_metrics, **update_metrics}).items()}
                 metrics.update(time_update_s=now - update_started, tokens_per_s=real_tokens / (now - started),
+                               micro_batch_rows=micro_rows,
                                lr=learning_rate(exp.optim, t.updates, step))
                 if metrics["skipped"] and primary:
                     tqdm.write(f"update {step}: non-finite loss or gradient; update skipped (params unchanged)")

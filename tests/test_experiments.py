@@ -123,7 +123,7 @@ def test_a_mesh_the_devices_cannot_make_names_the_fields(tmp_path):
     ("train.updates=zero", "train.updates='zero': expected int"),
     ("train.nope=1", "train has no field 'nope'"),
     ("rollout.num_samples=1", "rollout.num_samples=1 is invalid"),
-    ("train.micro_batch=5", "train.micro_batch=5 is invalid; must divide the 384 rows"),
+    ("train.micro_batch=0", "train.micro_batch=0 is invalid; must be >= 1"),
     ("mesh.data=0", "mesh.data=0.*MeshSpec.data=0 must be a positive device count or -1"),
     ("mesh.tensor=-1", "mesh.tensor=-1.*only one axis may be -1"),
     ("model.remat=some", "model.remat='some' is invalid; allowed: none, full, projections"),

@@ -31,7 +31,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = ["pretrain.updates=3", "pretrain.warmup_steps=0", "pretrain.batch=8", "train.updates=5",
-             "train.questions_per_update=4", "rollout.num_samples=4", "train.micro_batch=8", "train.eval_every=3",
+             "train.questions_per_update=4", "rollout.num_samples=4", "train.micro_batch=2", "train.eval_every=3",
              "data.eval_size=4", "train.maj_k=2", "rollout.max_new_tokens=16", "optim.learning_rate=1e-2"]
 STOP_AFTER = 3
 UPDATE_RTOL = 1e-2  # each tensor's update, in norm, relative to the reference update
