@@ -346,4 +346,6 @@ def print_plan(result: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import _cli  # imports jax, but starts no backend: main() still sets XLA_FLAGS first
+
+    _cli.run(main)
