@@ -156,3 +156,12 @@ if __name__ == "__main__":
                                    (1, 1, 1), 1_000_000, None, 16, 16),
     }
     print(json.dumps(results))
+
+
+def test_a_bad_override_is_one_line_naming_the_field():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plan.py"), "gsm8k_llama", "train.micro_batch=0"],
+                            env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "error: train.micro_batch=0 is invalid; must be >= 1 (at most this many rows per batch shard in each forward+backward)"
+    ]
