@@ -162,6 +162,13 @@ def opt_state_shardings(
     )
 
 
+def batch_shards(mesh, rules=RULES) -> int:
+    """Groups of devices that hold different rows: the product of the mesh axes the logical
+    "batch" axis maps to (data x fsdp), for rows that divide it."""
+    axes = dict(rules)["batch"]
+    return math.prod(mesh.shape.get(a, 1) for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def batch_shardings(mesh: jax.sharding.Mesh, batch, rules=RULES):
     """NamedShardings of a tree of [rows, ...] arrays: rows split over data x fsdp."""
     return jax.tree.map(lambda x: logical_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape, rules), batch)

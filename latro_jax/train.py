@@ -44,7 +44,7 @@ from latro_jax.pretrain import pretrained_base
 from latro_jax.sampling import SampleOutput, SamplingConfig, bucket, pad_prompts, sample_tokens
 from latro_jax.scoring import continuation_logprobs, masked_sum, token_logprobs
 from latro_jax.sharding import (
-    constrain, global_max, is_primary, make_mesh, opt_state_shardings, place_rows, process_rows,
+    batch_shards, constrain, global_max, is_primary, make_mesh, opt_state_shardings, place_rows, process_rows,
     rows_from_processes, to_host,
 )
 
@@ -113,7 +113,7 @@ def micro_batch_rows(micro_batch: int, rows: int, mesh: jax.sharding.Mesh) -> in
     the shards times the largest count <= micro_batch that divides each shard's rows. Where the
     rows do not split evenly over the shards (a row is then computed on several devices; plan.py
     says so), the largest divisor of the rows <= micro_batch x shards."""
-    shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    shards = batch_shards(mesh)
 
     def largest_divisor(n: int, at_most: int) -> int:
         return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)

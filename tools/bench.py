@@ -26,8 +26,9 @@ with gradient checkpointing where the config asks for it (llama8b: every layer i
 transformers measured in the goal). latro-jax's backward pass recomputes what the experiments
 set (`--remat`; llama8b: "projections", the paper recipes' setting, recomputes the attention and
 elementwise work but no projection). Its model FLOP utilisation (MFU) is 3 x the forward's
-FLOPs (no recomputation counted) per second over the measured matmul rate. transformers' step runs in this process, then its model and optimizer state are dropped,
-and latro-jax's step runs in a child process of its own (`--train-child`) on the same rows and
+FLOPs (no recomputation counted) per second over the measured matmul rate. transformers' step
+runs in this process, then its model and optimizer state are dropped, and latro-jax's step
+runs in a child process of its own (`--train-child`) on the same rows and
 weights: an 8B model's bf16 weights, gradients and AdamW moments are 64 GB, and neither torch's
 caching allocator nor JAX's (which keeps what it has grown) returns memory to the other within
 one process. The matmul rate is measured after both, in this process.

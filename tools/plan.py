@@ -323,9 +323,10 @@ def print_plan(result: dict) -> None:
           f"(train.micro_batch={shapes['micro_batch_per_shard']} per batch shard)")
     print(f"sampled and scored {shapes['rollout_questions']} questions at a time, the reference forward over "
           f"{shapes['score_batch']} rows at a time")
-    if shapes["micro_batch"] % (mesh["data"] * mesh["fsdp"]):
-        print(f"note: the update's {shapes['micro_batch']} rows cannot be split over the {mesh['data'] * mesh['fsdp']} "
-              "batch shards (data x fsdp): each row is computed whole on several devices")
+    shards = mesh["data"] * mesh["fsdp"]
+    if shapes["micro_batch"] % shards:
+        print(f"note: the update's {shapes['micro_batch']} rows cannot be split over the {shards} batch shards "
+              "(data x fsdp): each row is computed whole on several devices")
     print("\nper device:")
     for name, size in result["state_bytes_per_device"].items():
         print(f"  {name:<26} {gb(size):>10}")
