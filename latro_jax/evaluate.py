@@ -4,6 +4,12 @@ Greedy: temperature 0, up to `max_new_tokens`, stopping at EOS / the end-of-turn
 "The answer is": the answer must be generated). maj@k: k samples at T=1 per question, each
 answer extracted, then `majority_vote` (unextractable answers do not vote; a tie goes to the
 answer that occurs first among the k samples). ARC samples vote for the option they name.
+
+Correctness, as LATRO.md states it: GSM8K, the extracted number equals the gold number; ARC
+greedy, the gold option's lower-cased text occurs in the lower-cased text after "the answer is"
+(`arc_correct`: "heat and light" answers "heat" correctly, as in the paper's numbers). maj@k
+needs one answer per sample to vote with, so an ARC sample's answer is the option it names first
+(`arc_choice`), and the vote is correct when it is the gold option.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import jax
 from tqdm.auto import tqdm
 
 from latro_jax.config import ModelConfig
-from latro_jax.data.extraction import arc_choice, canonical_number, extract_gsm8k, majority_vote
+from latro_jax.data.extraction import arc_choice, arc_correct, canonical_number, extract_gsm8k, majority_vote
 from latro_jax.data.prompts import PromptFormat, encode_prompts
 from latro_jax.data.tasks import NUMERIC_TASKS, Example
 from latro_jax.sampling import SamplingConfig, sample
@@ -30,6 +36,38 @@ def extract(task: str, text: str, example: Example) -> str | None:
 
 def gold(task: str, example: Example) -> str | None:
     return canonical_number(example.answer) if task in NUMERIC_TASKS else example.answer
+
+
+def greedy_correct(task: str, text: str, example: Example) -> bool:
+    """Whether a greedy generation answers `example` correctly, by LATRO.md's rule of the task."""
+    if task in NUMERIC_TASKS:
+        answer = extract_gsm8k(text)
+        return answer is not None and answer == gold(task, example)
+    return arc_correct(text, example.answer)
+
+
+def score(task: str, examples: Sequence[Example], greedy_texts: Sequence[str],
+          voted_texts: Sequence[Sequence[str]], maj_k: int) -> dict:
+    """Greedy and maj@k accuracy of generated texts (one greedy text and k samples per example),
+    and a row per example for inspection."""
+    rows, greedy_total, voted_total = [], 0, 0
+    for example, text, samples in zip(examples, greedy_texts, voted_texts, strict=True):
+        correct = greedy_correct(task, text, example)
+        vote = majority_vote([extract(task, s, example) for s in samples])
+        target = gold(task, example)
+        greedy_total += correct
+        voted_total += vote is not None and vote == target
+        rows.append({"id": example.id, "gold": target, "greedy_answer": extract(task, text, example),
+                     "greedy_correct": correct, f"maj@{maj_k}": vote, "greedy_text": text})
+    n = max(1, len(examples))
+    return {
+        "examples": len(examples),
+        "greedy_accuracy": greedy_total / n,
+        f"maj@{maj_k}_accuracy": voted_total / n,
+        "maj_k": maj_k,
+        "tie_rule": "unextractable answers do not vote; a tie goes to the answer occurring first among the samples",
+        "rows": rows,
+    }
 
 
 def generate_texts(config, params, tokenizer, prompts, sampling, rng, batch_size) -> list[list[str]]:
@@ -78,20 +116,4 @@ def evaluate(
     bar.update()
     voted_texts = generate_texts(config, params, tokenizer, prompts, voted, jax.random.fold_in(rng, 1), batch_size)
     bar.close()
-    rows, greedy_correct, voted_correct = [], 0, 0
-    for example, (text,), samples in zip(examples, greedy_texts, voted_texts):
-        answer = extract(task, text, example)
-        vote = majority_vote([extract(task, s, example) for s in samples])
-        target = gold(task, example)
-        greedy_correct += answer is not None and answer == target
-        voted_correct += vote is not None and vote == target
-        rows.append({"id": example.id, "gold": target, "greedy_answer": answer, f"maj@{maj_k}": vote, "greedy_text": text})
-    n = max(1, len(examples))
-    return {
-        "examples": len(examples),
-        "greedy_accuracy": greedy_correct / n,
-        f"maj@{maj_k}_accuracy": voted_correct / n,
-        "maj_k": maj_k,
-        "tie_rule": "unextractable answers do not vote; a tie goes to the answer occurring first among the samples",
-        "rows": rows,
-    }
+    return score(task, examples, [text for (text,) in greedy_texts], voted_texts, maj_k)

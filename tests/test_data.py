@@ -39,7 +39,8 @@ from latro_jax.data.prompts import (
     load_tokenizer,
     render_prompt,
 )
-from latro_jax.data.tasks import DataError, load_task
+from latro_jax.data.tasks import DataError, Example, load_task
+from latro_jax.evaluate import score
 from latro_jax.sampling import SamplingConfig
 from shared_tokenizers import MODELS, build_mistral_v03, built
 
@@ -354,6 +355,38 @@ def test_arc_extraction_and_choice():
     assert arc_choice("The answer is sound, not heat.", options) == "sound"  # the first named
     assert arc_choice("The answer is none of them.", options) is None
     assert arc_choice("heat", options) is None
+
+
+def test_evaluation_scores_by_latro_md_rules():
+    """`evaluate.score`: greedy ARC answers are right when the gold option's text occurs after "the
+    answer is" (LATRO.md), even beside another option; maj@k votes with the option each sample names
+    first; GSM8K compares numbers by value. Counted by hand below."""
+    options = ("heat", "heat and light", "sound")
+    arc = [Example("arc_challenge", f"q{i}", "?", gold, None, options) for i, gold in enumerate(["heat", "sound", "heat"])]
+    greedy = [
+        "Light bulbs glow. The answer is heat and light.",  # gold "heat" occurs: right (arc_choice names "heat and light")
+        "The answer is cold or sound.",  # right
+        "The answer is sound.",  # wrong
+    ]
+    voted = [
+        ["The answer is heat and light.", "The answer is heat and light.", "The answer is heat."],  # votes "heat and light": wrong
+        ["The answer is sound.", "no answer", "The answer is heat."],  # tie 1-1: "sound" first: right
+        ["I am not sure.", "Neither.", "The answer is heat."],  # "heat": right
+    ]
+    result = score("arc_challenge", arc, greedy, voted, 3)
+    assert [r["greedy_correct"] for r in result["rows"]] == [True, True, False]
+    assert [r["maj@3"] for r in result["rows"]] == ["heat and light", "sound", "heat"]
+    assert result["greedy_accuracy"] == pytest.approx(2 / 3) and result["maj@3_accuracy"] == pytest.approx(2 / 3)
+    assert result["examples"] == 3 and result["rows"][0]["greedy_answer"] == "heat and light"
+
+    gsm = [Example("gsm8k", "g0", "?", "1,000"), Example("gsm8k", "g1", "?", "7")]
+    result = score("gsm8k", gsm, ["So the answer is 1000.00", "The answer is 8"],
+                   [["The answer is 7", "The answer is $1,000"], ["7", "The answer is 7.0"]], 2)
+    assert [r["greedy_correct"] for r in result["rows"]] == [True, False]
+    assert [r["maj@2"] for r in result["rows"]] == ["7", "7"]  # the tie goes to the first
+    assert result["greedy_accuracy"] == 0.5 and result["maj@2_accuracy"] == 0.5
+    with pytest.raises(ValueError):  # a missing generation is an error, not a shorter count
+        score("gsm8k", gsm, ["The answer is 1000"], [["7"], ["7"]], 1)
 
 
 def test_majority_vote():
