@@ -101,6 +101,46 @@ def test_convert_reads_sharded_input(tmp_path):
     assert_same_tensors(read_tensors(tmp_path / "hf"), read_tensors(tmp_path / "out"))
 
 
+def test_a_hub_id_downloads_the_shards_its_index_lists(tmp_path, monkeypatch):
+    """A hub id (no internet here: huggingface_hub's two calls are stood in for) fetches the index
+    first, then only the safetensors files it lists and the side files: not a second copy of the
+    weights such as Mistral's consolidated.safetensors. Without an index, every safetensors file."""
+    import huggingface_hub
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    model = make_hf_model("mistral")
+    model.save_pretrained(tmp_path / "hub", max_shard_size="50KB")
+    shards = sorted(n for n in os.listdir(tmp_path / "hub") if n.endswith(".safetensors"))
+    asked = {}
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked[repo_id] = allow_patterns
+        return str(tmp_path / "hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename: str(tmp_path / "hub" / filename))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    convert_hf("mistralai/Mistral-7B-Instruct-v0.3", tmp_path / "ckpt")
+    patterns = asked["mistralai/Mistral-7B-Instruct-v0.3"]
+    assert len(shards) > 1 and patterns[: len(shards)] == shards and "*.safetensors" not in patterns
+    assert SAFETENSORS_INDEX in patterns and "config.json" in patterns and "tokenizer.json" in patterns
+    assert_same_tensors(read_tensors(tmp_path / "hub"), read_tensors_of_checkpoint(tmp_path))
+
+    class Response:  # what huggingface_hub's HTTP errors read
+        headers, request = {}, None
+
+    def no_index(repo_id, filename):
+        raise RemoteEntryNotFoundError(f"404: {filename} not found", response=Response())
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_index)
+    convert_hf("someone/one-file-model", tmp_path / "ckpt2")
+    assert asked["someone/one-file-model"][0] == "*.safetensors"
+
+
+def read_tensors_of_checkpoint(tmp_path):
+    export_hf(tmp_path / "ckpt", tmp_path / "exported")
+    return read_tensors(tmp_path / "exported")
+
+
 # ---- bad input: one clear error each, and no partial checkpoint --------------------------------
 
 
@@ -165,6 +205,29 @@ def test_unexpected_tensor(hf_dir, tmp_path):
     save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(WeightError, match=r"up_proj\.bias.*no place"):
         convert_hf(str(hf_dir), tmp_path / "ckpt")
+    assert_nothing_written(tmp_path)
+
+
+def test_a_missing_directory_or_model_is_named(tmp_path, monkeypatch):
+    """A path that is no directory and no hub id is named as such (not huggingface_hub's
+    validation traceback); a hub id the hub does not give names the id and the hub's answer."""
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    for path in (f"{tmp_path}/nowhere", "./my-model", "runs/x/base_model"):
+        with pytest.raises(WeightError, match=rf"^{path}: no such directory \(nor a Hugging Face hub id\)$"):
+            convert_hf(path, tmp_path / "ckpt")
+
+    class Response:
+        headers, request = {}, None
+
+    def not_found(repo_id, filename):
+        raise RepositoryNotFoundError(f"404 Client Error. Repository Not Found for url: {repo_id}\nmore", response=Response())
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", not_found)
+    with pytest.raises(WeightError, match=r"^my-model: no such directory, and the Hugging Face hub did not give this "
+                                          r"model \(RepositoryNotFoundError: 404 Client Error.*my-model\); gated"):
+        convert_hf("my-model", tmp_path / "ckpt")
     assert_nothing_written(tmp_path)
 
 

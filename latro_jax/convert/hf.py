@@ -51,15 +51,34 @@ TORCH_DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16"
 
 
 def resolve_source(source: str) -> str:
-    """A local HF directory as is; anything else is taken as a hub id and downloaded."""
+    """A local HF directory as is; anything else is taken as a hub id and downloaded: the
+    safetensors files its index lists (a repository may hold the weights twice, as Mistral's
+    14 GB consolidated.safetensors beside its shards), or all of them where it has no index."""
     if os.path.isdir(source):
         return source
     if os.path.exists(source):
         raise WeightError(f"{source}: expected an HF model directory, found a file")
-    from huggingface_hub import snapshot_download
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, RemoteEntryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
 
-    patterns = ["*.safetensors", SAFETENSORS_INDEX, *HF_SIDE_FILES]
-    return snapshot_download(source, allow_patterns=patterns)
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise WeightError(f"{source}: no such directory (nor a Hugging Face hub id)") from None
+    try:
+        try:
+            with open(huggingface_hub.hf_hub_download(source, SAFETENSORS_INDEX)) as f:
+                weights = sorted(set(json.load(f)["weight_map"].values()))
+        except RemoteEntryNotFoundError:
+            weights = ["*.safetensors"]
+        return huggingface_hub.snapshot_download(source, allow_patterns=[*weights, SAFETENSORS_INDEX, *HF_SIDE_FILES])
+    except (HfHubHTTPError, EntryNotFoundError) as e:
+        raise WeightError(
+            f"{source}: no such directory, and the Hugging Face hub did not give this model "
+            f"({type(e).__name__}: {str(e).splitlines()[0]}); gated models such as Llama 3.1 need a login "
+            "first (`hf auth login`)"
+        ) from None
 
 
 def safetensors_files(directory: str) -> dict[str, str]:
@@ -154,10 +173,23 @@ def export_hf(
     `dtype` defaults to the source HF checkpoint's dtype when known, else the params' dtype.
     Shards hold at most `max_shard_size` bytes each (huggingface_hub's splitting rule).
     """
+    config, params = load_model(checkpoint)
+    export_params(config, params, os.path.join(os.fspath(checkpoint), HF_DIR), output, dtype, max_shard_size)
+
+
+def export_params(
+    config: ModelConfig,
+    params,
+    side: str | os.PathLike,
+    output: str | os.PathLike,
+    dtype: str | None = None,
+    max_shard_size: int | str = "5GB",
+) -> None:
+    """Params of `config` -> HF directory at `output`, with the HF side files (config.json,
+    tokenizer files, generation config) of the directory `side` where it has them; as `export_hf`."""
     from huggingface_hub import split_state_dict_into_shards_factory
 
-    config, params = load_model(checkpoint)
-    side = os.path.join(os.fspath(checkpoint), HF_DIR)
+    side = os.fspath(side)
     hf_config_path = os.path.join(side, "config.json")
     if os.path.isfile(hf_config_path):
         with open(hf_config_path) as f:
