@@ -1,4 +1,7 @@
-"""The released recipe (../shared/LATRO.md), shared by the paper's experiments."""
+"""The released recipe (../shared/LATRO.md), shared by the paper's experiments. Where the released
+code departs from the paper's method, the paper's is kept and a setting gives the release's:
+objective.reference_compat (R with the extra token before the answer) and
+objective.nonstop_group=3 (the non-stop penalty's mean over each GPU's 3 questions)."""
 
 from __future__ import annotations
 

@@ -167,6 +167,9 @@ def validate(exp: Experiment) -> Experiment:
     _check(t.score_batch >= 0 and scored % min(t.score_batch or scored, scored) == 0, "train.score_batch",
            t.score_batch, f"must be 0 (all rows at once) or divide the {scored} rows scored at a time")
     _check(t.updates >= 1, "train.updates", t.updates, "must be >= 1")
+    g = exp.objective.nonstop_group
+    _check(g == 0 or t.questions_per_update % g == 0, "objective.nonstop_group", g,
+           f"must be 0 (the whole batch) or divide train.questions_per_update={t.questions_per_update}")
     for field in ("eval_every", "save_every", "keep_last", "maj_k"):
         _check(getattr(t, field) >= 1, f"train.{field}", getattr(t, field), "must be >= 1")
     return exp

@@ -29,6 +29,9 @@ class ObjectiveConfig:
     beta: KL coefficient in r = R - beta (log pi - log pi_0) (0.05 GSM8K, 0.25 ARC in the release).
     sft_coef: weight c of the answer NLL term (paper Eq. 4: 1; released script: 0).
     nonstop_coef: rows that never finished get R = nonstop_coef * mean(R) (release: 2).
+    nonstop_group: the questions whose rows that mean is over; 0 = the whole batch (every
+    question of the update, whatever the mesh). The released code's mean is over each GPU's
+    "local batch": 3 questions (24 over 8 GPUs), so nonstop_group=3 reproduces it.
     reference_compat: reproduce the released code's R, whose sum includes the log-prob of the
     last token before the answer (pass `last_context_logprob` to `latro_loss`).
     """
@@ -36,6 +39,7 @@ class ObjectiveConfig:
     beta: float
     sft_coef: float = 0.0
     nonstop_coef: float = 2.0
+    nonstop_group: int = 0
     reference_compat: bool = False
 
     def __post_init__(self):
@@ -43,6 +47,8 @@ class ObjectiveConfig:
             "beta": (self._finite(self.beta) and self.beta >= 0, "a finite number >= 0"),
             "sft_coef": (self._finite(self.sft_coef) and self.sft_coef >= 0, "a finite number >= 0"),
             "nonstop_coef": (self._finite(self.nonstop_coef) and self.nonstop_coef >= 0, "a finite number >= 0"),
+            "nonstop_group": (isinstance(self.nonstop_group, int) and not isinstance(self.nonstop_group, bool)
+                              and self.nonstop_group >= 0, "an int >= 0 (0 = the whole batch)"),
             "reference_compat": (isinstance(self.reference_compat, bool), "True or False"),
         }
         for field, (ok, allowed) in checks.items():
@@ -54,17 +60,26 @@ class ObjectiveConfig:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def answer_rewards(answer_logprob_sums: jax.Array, finished: jax.Array, nonstop_coef: float = 2.0) -> jax.Array:
+def answer_rewards(
+    answer_logprob_sums: jax.Array, finished: jax.Array, nonstop_coef: float = 2.0, group_rows: int = 0
+) -> jax.Array:
     """Self-rewards R = log pi(y|x+z) [N], with the non-stop penalty.
 
     answer_logprob_sums [N]; finished [N] bool. Rows that never finished get
-    nonstop_coef * mean(R), the mean taken over all N rows before any replacement. R is a
-    log-prob (negative), so coef 2 gives unfinished rows twice the batch's average badness.
+    nonstop_coef * mean(R), the mean taken before any replacement over all N rows, or with
+    `group_rows` (static) over each block of that many consecutive rows. R is a log-prob
+    (negative), so coef 2 gives unfinished rows twice the average badness.
     """
     chex.assert_rank(answer_logprob_sums, 1)
     chex.assert_equal_shape([answer_logprob_sums, finished])
-    penalty = nonstop_coef * jnp.mean(answer_logprob_sums)
-    return jnp.where(finished.astype(bool), answer_logprob_sums, penalty)
+    n = answer_logprob_sums.shape[0]
+    if 0 < group_rows < n:
+        if n % group_rows:
+            raise ValueError(f"the non-stop penalty's groups of {group_rows} rows do not divide the {n} rows")
+        means = jnp.repeat(jnp.mean(answer_logprob_sums.reshape(n // group_rows, group_rows), axis=1), group_rows)
+    else:
+        means = jnp.mean(answer_logprob_sums)
+    return jnp.where(finished.astype(bool), answer_logprob_sums, nonstop_coef * means)
 
 
 def kl_penalised_rewards(
@@ -130,7 +145,7 @@ def rollout_advantages(
     policy_logprob = jax.lax.stop_gradient(policy_rationale_logprob_sums.astype(jnp.float32))
     ref_logprob = jax.lax.stop_gradient(ref_rationale_logprob_sums.astype(jnp.float32))
 
-    rewards = answer_rewards(raw_rewards, finished, cfg.nonstop_coef)
+    rewards = answer_rewards(raw_rewards, finished, cfg.nonstop_coef, cfg.nonstop_group * k)
     penalised = kl_penalised_rewards(rewards, policy_logprob, ref_logprob, cfg.beta)
     advantages = rloo_advantages(penalised, k)
     metrics = {

@@ -19,6 +19,7 @@ from latro_jax.objective import (
     kl_penalised_rewards,
     latro_loss,
     rloo_advantages,
+    rollout_advantages,
     surrogate_loss,
 )
 
@@ -87,6 +88,23 @@ def test_nonstop_penalty_by_hand():
     close(answer_rewards(r, finished), [-1.0, -2.0, -6.0, -6.0])
     close(answer_rewards(r, finished, nonstop_coef=1.0), [-1.0, -2.0, -3.0, -6.0])
     close(answer_rewards(r, jnp.ones(4, bool)), r)
+    # Groups of 2 rows (the released code's per-GPU mean): means -1.5 and -4.5.
+    close(answer_rewards(r, jnp.array([False, True, False, True]), group_rows=2), [-3.0, -2.0, -9.0, -6.0])
+    close(answer_rewards(r, finished, group_rows=4), [-1.0, -2.0, -6.0, -6.0])  # one group: the whole batch
+    with pytest.raises(ValueError, match="groups of 3 rows do not divide the 4 rows"):
+        answer_rewards(r, finished, group_rows=3)
+
+
+def test_nonstop_group_counts_questions():
+    """ObjectiveConfig.nonstop_group is in questions: K rows each. 2 questions x K=2, one group per
+    question: the unfinished rows get 2 x their own question's mean (-1.5 and -4.5)."""
+    policy = ref = jnp.zeros(4)
+    r = jnp.array([-1.0, -2.0, -3.0, -6.0])
+    finished = jnp.array([False, True, True, False])
+    _, rewards, _ = rollout_advantages(ObjectiveConfig(beta=0.0, nonstop_group=1), 2, policy, ref, r, finished)
+    close(rewards, [-3.0, -2.0, -3.0, -9.0])
+    _, rewards, _ = rollout_advantages(ObjectiveConfig(beta=0.0), 2, policy, ref, r, finished)
+    close(rewards, [-6.0, -2.0, -3.0, -6.0])  # the whole batch's mean, -3
 
 
 # --- latro_loss on a hand example ------------------------------------------------------------
@@ -357,6 +375,7 @@ def test_jit_traces_once_per_shape():
         ({"beta": float("nan")}, "beta"),
         ({"beta": 0.1, "sft_coef": -1.0}, "sft_coef"),
         ({"beta": 0.1, "nonstop_coef": float("inf")}, "nonstop_coef"),
+        ({"beta": 0.1, "nonstop_group": -1}, "nonstop_group"),
         ({"beta": 0.1, "reference_compat": 1}, "reference_compat"),
     ],
 )
