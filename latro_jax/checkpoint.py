@@ -70,12 +70,12 @@ def save_params(path: str | os.PathLike, params: nnx.State) -> None:
         checkpointer.wait_until_finished()
 
 
-def on_one_device(abstract):
-    """Abstract arrays (anything with .shape and .dtype) as `jax.ShapeDtypeStruct`s placed on this
-    process's first device: a restore target that reads a checkpoint onto one device, whatever
-    mesh saved it."""
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+def on_one_device(abstract, device=None):
+    """Abstract arrays (anything with .shape and .dtype) as `jax.ShapeDtypeStruct`s placed on
+    `device` (default: this process's first device): a restore target that reads a checkpoint onto
+    one device, whatever mesh saved it."""
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
 
 
 def restore_params(path: str | os.PathLike, config: ModelConfig, shardings=None) -> nnx.State:

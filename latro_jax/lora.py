@@ -190,18 +190,19 @@ def training_bytes(config: ModelConfig, lora: LoraConfig | None = None, base_dty
     "merged"}.
 
     Full fine-tuning (lora None), as `train.run` does it: float32 params, float32 gradient
-    accumulator, AdamW's two float32 moments, and pi_0 as a float32 copy. LoRA: the frozen base
-    in `base_dtype` (it is pi_0 too), float32 adapters with their gradient and moments, and the
-    merged copy of the adapted weights that exists while sampling and during the update.
+    accumulator, AdamW's two float32 moments, and pi_0 as a copy in `base_dtype`, the compute
+    dtype (`train.reference_params`). LoRA: the frozen base in `base_dtype` (it is pi_0 too),
+    float32 adapters with their gradient and moments, and the merged copy of the adapted weights
+    that exists while sampling and during the update.
     """
     base = nnx.to_pure_dict(abstract_params(config))
     base_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base))
+    itemsize = jnp.dtype(base_dtype).itemsize
     if lora is None:
         return {"params": 4 * base_count, "grads": 4 * base_count, "optimizer": 8 * base_count,
-                "reference": 4 * base_count, "merged": 0}
+                "reference": itemsize * base_count, "merged": 0}
     shapes = jax.tree.leaves(adapter_shapes(config, lora), is_leaf=lambda x: isinstance(x, dict) and "a" in x)
     adapter_count = sum(int(np.prod(s["a"])) + int(np.prod(s["b"])) for s in shapes)
     adapted_count = sum(int(np.prod(s["a"][:-1] + s["b"][1:])) for s in shapes)  # W: [in..., out...]
-    itemsize = jnp.dtype(base_dtype).itemsize
     return {"params": itemsize * base_count + 4 * adapter_count, "grads": 4 * adapter_count,
             "optimizer": 8 * adapter_count, "reference": 0, "merged": itemsize * adapted_count}

@@ -31,16 +31,17 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, load_model
+from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, load_model, on_one_device, read_config
 from latro_jax.config import ModelConfig
 from latro_jax.convert.hf import convert_hf
 from latro_jax.data.prompts import encode_answers, encode_prompts, encode_texts, load_tokenizer, prompt_format
 from latro_jax.data.tasks import load_task
 from latro_jax.evaluate import evaluate
-from latro_jax.lora import LoraRowsLoss, init_adapters, lora_config, merge
-from latro_jax.experiment import Experiment, ExperimentError, OptimSpec
+from latro_jax.lora import LoraRowsLoss, abstract_adapters, init_adapters, lora_config, merge
+from latro_jax.model import abstract_params
+from latro_jax.experiment import Experiment, ExperimentError, OptimSpec, experiment_from_dict
 from latro_jax.objective import ObjectiveConfig, rollout_advantages, surrogate_loss
-from latro_jax.pretrain import pretrained_base
+from latro_jax.pretrain import pretrained_base, pretrained_path
 from latro_jax.sampling import SampleOutput, SamplingConfig, bucket, pad_prompts, sample_tokens
 from latro_jax.scoring import continuation_logprobs, masked_sum, token_logprobs
 from latro_jax.sharding import (
@@ -430,18 +431,42 @@ def commit(tree):
     return jax.tree.map(lambda x: jax.device_put(x, x.sharding), tree)
 
 
+def reference_params(config: ModelConfig, params: nnx.State) -> nnx.State:
+    """pi_0 of full fine-tuning: a copy of the starting params in the compute dtype, in their
+    shardings. The model casts each weight to the compute dtype where it uses it, so a forward over
+    this copy equals one over the float32 params bit for bit, in half the bytes under bfloat16
+    (16 GB less for an 8B model). A copy, never the params' own buffers, which updates donate."""
+    dtype = jnp.dtype(config.dtype)
+
+    def copy(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else jnp.copy(x)
+
+    return jax.tree.map(copy, params)
+
+
 def load_policy(exp: Experiment, progress: bool = True, mesh=None) -> tuple[ModelConfig, nnx.State, str]:
     """The starting weights (restored straight into their shards on `mesh`) and the directory
     holding the tokenizer files. The compute dtype is the experiment's; params are float32 master
     weights, except a LoRA run's frozen base, which is stored in the compute dtype (only the
     adapters train)."""
     spec = exp.model
+    checkpoint = base_checkpoint(exp, progress)
+    config, params = load_model(checkpoint, mesh=mesh, dtype=spec.dtype,
+                                param_dtype=spec.dtype if spec.lora_rank else "float32", remat=spec.remat)
+    return config, params, spec.tokenizer or os.path.join(checkpoint, HF_DIR)
+
+
+def base_checkpoint(exp: Experiment, progress: bool = True, create: bool = True) -> str:
+    """The model checkpoint directory a run of `exp` starts from: model.checkpoint, the
+    conversion of model.hf in the run directory, or the pre-trained base. With `create`, made on
+    first use (HF weights converted, the base pre-trained); without, an error if it is missing."""
+    spec = exp.model
     checkpoint = spec.checkpoint
     if exp.pretrain.updates:
-        checkpoint = pretrained_base(exp, progress)
+        checkpoint = pretrained_base(exp, progress) if create else pretrained_path(exp)
     elif spec.hf:
         checkpoint = os.path.join(exp.run_dir, "base_model")
-        if not os.path.isdir(checkpoint):
+        if not os.path.isdir(checkpoint) and create:
             if jax.process_count() > 1:
                 raise ExperimentError(
                     f"{checkpoint} does not exist yet and a multi-process run does not convert HF weights: "
@@ -449,14 +474,70 @@ def load_policy(exp: Experiment, progress: bool = True, mesh=None) -> tuple[Mode
                 )
             convert_hf(spec.hf, checkpoint, param_dtype="float32")
     if not os.path.isfile(os.path.join(checkpoint, CONFIG_FILE)):
+        if not create:
+            raise ExperimentError(f"{checkpoint} (the model the run started from) is not a latro-jax checkpoint "
+                                  "any more: its weights are needed to read the run's checkpoints")
         raise ExperimentError(
             f"model.checkpoint={checkpoint!r} is not a latro-jax checkpoint. Convert the HF weights first "
             f"(`make convert SRC=<HF dir or hub id> OUT={checkpoint}`), or set model.hf=<HF dir or hub id> "
             "to convert on first use"
         )
-    config, params = load_model(checkpoint, mesh=mesh, dtype=spec.dtype,
-                                param_dtype=spec.dtype if spec.lora_rank else "float32", remat=spec.remat)
-    return config, params, spec.tokenizer or os.path.join(checkpoint, HF_DIR)
+    return checkpoint
+
+
+def is_run_step(path: str | os.PathLike) -> bool:
+    """Whether `path` is a checkpoint step of a training run (runs/<exp>/{best,checkpoints}/<step>)."""
+    return os.path.isdir(os.path.join(os.fspath(path), "state"))
+
+
+class RunStep(NamedTuple):
+    """The model of a training run's checkpoint step (`load_run_step`)."""
+
+    config: ModelConfig  # compute dtype as asked; param_dtype the params'
+    params: nnx.State  # float32 master weights; a LoRA run's adapters merged into its base
+    tokenizer: str  # tokenizer directory or hub id
+    hf_files: str  # the base model's HF side files (config.json, tokenizer, generation config)
+
+
+def load_run_step(path: str | os.PathLike, dtype: str | None = None, device=None) -> RunStep:
+    """The model a training run saved at one checkpoint step (runs/<exp>/best/<step> or
+    runs/<exp>/checkpoints/<step>), read onto `device` (default: this process's first device)
+    whatever mesh saved it, in `dtype` (default: the run's compute dtype). A LoRA run's adapters
+    are merged into the base as the run sampled with them. Only the params are read, not the
+    optimizer state (twice their size). The run directory may have moved: its config.json and
+    the base model it started from are found beside the step."""
+    path = os.path.abspath(os.path.normpath(os.fspath(path)))
+    run_dir = os.path.dirname(os.path.dirname(path))
+    if not is_run_step(path):
+        raise ExperimentError(f"{path} is not a checkpoint step of a training run (no state/ in it); expected "
+                              "runs/<experiment>/best/<step> or runs/<experiment>/checkpoints/<step>")
+    config_path = os.path.join(run_dir, "config.json")
+    try:
+        with open(config_path) as f:
+            exp = experiment_from_dict(json.load(f))
+    except (OSError, ValueError) as e:
+        raise ExperimentError(f"{config_path}: the run's experiment could not be read ({e})") from None
+    exp = dataclasses.replace(exp, name=os.path.basename(run_dir),
+                              train=dataclasses.replace(exp.train, output_dir=os.path.dirname(run_dir)))
+    base = base_checkpoint(exp, create=False)
+    device = device or jax.local_devices()[0]
+    lora = lora_config(exp.model)
+    stored = read_config(base)
+    if lora:  # the run saved its adapters; the frozen base is stored in the compute dtype, as the run held it
+        with jax.default_device(device):
+            _, base_params = load_model(base, dtype=exp.model.dtype, param_dtype=exp.model.dtype)
+        target = abstract_adapters(stored, lora)
+    else:
+        target = abstract_params(stored.replace(param_dtype="float32"))
+    target = {"params": on_one_device(target, device)}
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(os.path.join(path, "state"), args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    params = restored["params"]
+    if lora:
+        params = jax.jit(merge, static_argnums=0)(lora, base_params, params)
+    config = stored.replace(dtype=dtype or exp.model.dtype, param_dtype=jax.tree.leaves(params)[0].dtype.name)
+    return RunStep(config, params, exp.model.tokenizer or os.path.join(base, HF_DIR), os.path.join(base, HF_DIR))
 
 
 def batch_indices(num_examples: int, batch: int, step: int, seed: int) -> np.ndarray:
@@ -478,11 +559,39 @@ def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return order
 
 
+def _keep_lines(path: str, keep) -> None:
+    """Rewrite the text file `path` (if any) with the lines `keep` accepts, atomically."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if keep(line)]
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+def _samples_up_to(step: int):
+    """A `_keep_lines` filter of samples.txt: the sections of updates up to `step`."""
+    current = [0]
+
+    def keep(line: str) -> bool:
+        if line.startswith("==== update "):
+            current[0] = int(line.split()[2])
+        return current[0] <= step
+
+    return keep
+
+
 class RunLog:
     """metrics.jsonl, TensorBoard events, Weights & Biases (if `wandb_project` is set), and
     sampled rationales as text."""
 
-    def __init__(self, run_dir: str, exp: Experiment):
+    def __init__(self, run_dir: str, exp: Experiment, step: int = 0):
+        """`step`: the update the run resumes after. What an earlier attempt logged after it (updates
+        that its checkpoint did not keep, which this run redoes) is dropped from metrics.jsonl,
+        samples.txt and TensorBoard, so each update is logged once."""
         from tensorboardX import SummaryWriter
 
         if exp.train.wandb_project:  # checked on every process: one failing alone would leave the others waiting
@@ -493,9 +602,12 @@ class RunLog:
         self.enabled = is_primary()  # one process of a multi-host run writes
         if not self.enabled:
             return
-        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        self.samples = open(os.path.join(run_dir, "samples.txt"), "a")
-        self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        metrics_path, samples_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "samples.txt")
+        _keep_lines(metrics_path, lambda line: json.loads(line)["step"] <= step)
+        _keep_lines(samples_path, _samples_up_to(step))
+        self.metrics = open(metrics_path, "a")
+        self.samples = open(samples_path, "a")
+        self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=step + 1 if step else None)
         self.wandb = None
         if exp.train.wandb_project:
             self.wandb = wandb.init(project=exp.train.wandb_project, name=exp.name, config=dataclasses.asdict(exp),
@@ -620,7 +732,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
         ref_params = None if sft else base
     else:
         base = None
-        ref_params = None if sft else jax.tree.map(jnp.copy, params)
+        ref_params = None if sft else reference_params(config, params)
     params_shardings = jax.tree.map(lambda x: x.sharding, params)
     opt_shardings = opt_state_shardings(mesh, optimizer, jax.eval_shape(optimizer.init, params), params_shardings)
     params, opt_state = commit((params, jax.jit(optimizer.init, out_shardings=opt_shardings)(params)))
@@ -668,25 +780,33 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
         )
         # ref_params was copied from the starting weights above: pi_0 needs no copy in checkpoints.
         params, opt_state, step = restored.state["params"], restored.state["opt_state"], restored.meta["step"]
-    log = RunLog(run_dir, exp)
+    log = RunLog(run_dir, exp, step)
     key = jax.random.key(t.seed)
     eval_key = jax.random.fold_in(key, 2**31 - 1)  # a stream apart from the updates' fold_in(key, step)
 
-    def save(at: int, eval_metrics: dict | None = None) -> None:
-        state = {"params": params, "opt_state": opt_state}
-        meta = {"step": at, "experiment": exp.name}
+    def save(at: int) -> None:
         if latest.latest_step() != at:
-            latest.save(at, args=_checkpoint_args(state, meta))
-        if eval_metrics is not None:
-            best.save(at, args=_checkpoint_args(state, meta), metrics={"greedy_accuracy": eval_metrics["greedy_accuracy"]})
+            latest.save(at, args=_checkpoint_args({"params": params, "opt_state": opt_state},
+                                                  {"step": at, "experiment": exp.name}))
+
+    def eval_due(at: int) -> bool:
+        return at % t.eval_every == 0 or at == t.updates
 
     def run_eval(at: int) -> dict:
+        """Evaluate the params of update `at` (saved already): eval_<at>.json, the logs, best/."""
         result = evaluate(config, policy(params), tokenizer, fmt, eval_set, exp.data.task, exp.rollout.max_new_tokens,
                           t.maj_k, jax.random.fold_in(eval_key, at), progress=progress and primary)
-        if primary:
+        eval_metrics = {k: v for k, v in result.items() if k.endswith("accuracy")}
+        log.write(at, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        log.write_samples(at, rollout_samples(tokenizer, *last_rollout, sampling.num_samples)
+                          if last_rollout else [r["greedy_text"] for r in result["rows"][:4]])
+        best.save(at, args=_checkpoint_args({"params": params, "opt_state": opt_state},
+                                            {"step": at, "experiment": exp.name}),
+                  metrics={"greedy_accuracy": eval_metrics["greedy_accuracy"]})
+        if primary:  # written last: its presence says that the evaluation of `at` is complete
             with open(os.path.join(run_dir, f"eval_{at}.json"), "w") as f:
                 json.dump(result, f, indent=1)
-        return result
+        return eval_metrics
 
     update_step = update_jit(params, opt_state)  # outputs in the shardings placed above, update after update
     metrics: dict = {}
@@ -695,6 +815,11 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
     done_here = 0
     with stop_requests() as stop, jax.set_mesh(mesh):
         try:
+            # An evaluation that a stop (or a crash) cut short, of the update the run resumes after.
+            (pending,) = global_max([step > 0 and eval_due(step) and primary
+                                     and not os.path.isfile(os.path.join(run_dir, f"eval_{step}.json"))])
+            if pending:
+                metrics.update(run_eval(step))
             while step < t.updates:
                 batch = load_batch(step)
                 started = time.perf_counter()
@@ -728,22 +853,19 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                 log.write(step, metrics)
                 bar.update()
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "reward_mean", "kl_mean") if k in metrics})
-                eval_metrics = None
-                if step % t.eval_every == 0 or step == t.updates:
-                    result = run_eval(step)
-                    eval_metrics = {k: v for k, v in result.items() if k.endswith("accuracy")}
-                    log.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-                    log.write_samples(step, rollout_samples(tokenizer, *last_rollout, sampling.num_samples)
-                                      if last_rollout else [r["greedy_text"] for r in result["rows"][:4]])
-                    metrics.update(eval_metrics)
-                if step % t.save_every == 0 or eval_metrics is not None or step == t.updates:
-                    save(step, eval_metrics)
+                # Saved before an evaluation (minutes at the paper's sizes), so that a kill during it
+                # loses no update; a stop requested by then skips the evaluation, which the resumed
+                # run does first.
+                if step % t.save_every == 0 or eval_due(step):
+                    save(step)
                 # Every process stops after the same update, whichever was signalled.
                 (stopping,) = global_max([stop["signal"] is not None])
                 if stopping and stop["signal"] is None:
                     stop["signal"] = "another process's"
                 if stopping or (stop_after is not None and done_here >= stop_after):
                     raise Interrupted(f"stopped after update {step}; rerun the same command to resume")
+                if eval_due(step):
+                    metrics.update(run_eval(step))
         except Interrupted:
             save(step)
             if stop["signal"] is not None:

@@ -101,3 +101,20 @@ def hf_logits(model, ids, mask, positions):
     """transformers' logits with positions given explicitly (1 on padding, as its generate does)."""
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask, position_ids=positions.masked_fill(mask == 0, 1)).logits.numpy()
+
+
+def assert_exported_logits(config, params, exported):
+    """transformers' logits of the exported HF directory `exported` equal latro-jax's of `params`
+    on a mixed batch (float32: 1e-4, for the two libraries' different summation orders)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from latro_jax.model import forward
+
+    model = AutoModelForCausalLM.from_pretrained(exported, attn_implementation="eager", dtype=torch.float32).eval()
+    ids, mask, positions = mixed_batch(length=10)
+    ids = ids % config.vocab_size
+    ours, _ = forward(config, params, jnp.asarray(ids.numpy()), jnp.asarray(positions.numpy()),
+                      jnp.asarray(mask.numpy().astype(bool)))
+    real = mask.numpy().astype(bool)
+    np.testing.assert_allclose(hf_logits(model, ids, mask, positions)[real], np.asarray(ours)[real], atol=1e-4)

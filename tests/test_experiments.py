@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from conftest import require
-from hf_models import make_hf_model
+from hf_models import assert_exported_logits, make_hf_model
 from latro_jax.config import ConfigError, ModelConfig
 from latro_jax.convert.hf import convert_hf
 from latro_jax.experiment import ExperimentError, experiment_from_dict, load_experiment
-from latro_jax.train import run
+from latro_jax.train import load_run_step, run
 from shared_tokenizers import built
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -89,6 +89,11 @@ def test_experiment_runs_saves_and_resumes_exactly(name, stand_ins, test_data, t
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                          straight["params"], run_start_params(checkpoint))
     assert max(jax.tree.leaves(moved)) > 0  # training changed the model
+    # What `make eval` and `make export` read back from a run's checkpoint step: the params only,
+    # the very ones the run ended with (the stop and the resume saved steps 2 and 4).
+    step = load_run_step(os.path.join(interrupted.run_dir, "checkpoints", "4") + os.sep)
+    jax.tree.map(np.testing.assert_array_equal, step.params, straight["params"])
+    assert step.config.dtype == "float32" and step.hf_files == os.path.join(checkpoint, "hf")
 
     run_dir = interrupted.run_dir
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -99,10 +104,54 @@ def test_experiment_runs_saves_and_resumes_exactly(name, stand_ins, test_data, t
     assert os.path.getsize(os.path.join(run_dir, "samples.txt")) > 0
 
 
+def test_a_stop_saves_before_the_evaluation_and_the_resume_does_it(stand_ins, test_data, tmp_path):
+    """An update that is due an evaluation is saved before it; a stop then skips the evaluation
+    (minutes at the paper's sizes, past a preemption's grace period), and the resumed run does it
+    first, as an uninterrupted run did. Logs an earlier attempt wrote past the resumed checkpoint
+    (here: a crash after update 3 was logged) are dropped, so each update is logged once."""
+    checkpoint, tokenizer = stand_ins("llama")
+    exp = tiny("gsm8k_llama", checkpoint, tmp_path / "stopped", test_data)
+    exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, updates=2, eval_every=2, save_every=2))
+    assert run(exp, tokenizer=tokenizer, stop_after=2, progress=False)["step"] == 2
+    run_dir = exp.run_dir
+    assert os.listdir(os.path.join(run_dir, "checkpoints")) == ["2"] and not os.listdir(os.path.join(run_dir, "best"))
+    assert not os.path.exists(os.path.join(run_dir, "eval_2.json"))
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    with open(os.path.join(run_dir, "samples.txt"), "a") as f:
+        f.write("==== update 3\nlost\n")
+
+    resumed = run(exp, tokenizer=tokenizer, progress=False)
+    assert resumed["step"] == 2 and "greedy_accuracy" in resumed
+    assert os.listdir(os.path.join(run_dir, "best")) == ["2"]
+    straight = dataclasses.replace(exp, train=dataclasses.replace(exp.train, output_dir=str(tmp_path / "straight")))
+    run(straight, tokenizer=tokenizer, progress=False)
+    evaluations = [json.load(open(os.path.join(d, "eval_2.json"))) for d in (run_dir, straight.run_dir)]
+    assert evaluations[0]["rows"] == evaluations[1]["rows"]
+    lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [(m["step"], "loss" in m) for m in lines] == [(1, True), (2, True), (2, False)]
+    assert "eval/greedy_accuracy" in lines[2]
+    samples = open(os.path.join(run_dir, "samples.txt")).read()
+    assert "==== update 3" not in samples and samples.count("==== update 2") == 1
+
+
 def run_start_params(checkpoint):
     from latro_jax.checkpoint import load_model
 
     return load_model(checkpoint, param_dtype="float32")[1]
+
+
+def test_a_bad_run_step_is_named(tmp_path):
+    with pytest.raises(ExperimentError, match=f"{tmp_path} is not a checkpoint step of a training run"):
+        load_run_step(tmp_path)
+    step = tmp_path / "run" / "best" / "3"
+    (step / "state").mkdir(parents=True)
+    with pytest.raises(ExperimentError, match=f"{tmp_path / 'run' / 'config.json'}: the run's experiment could not"):
+        load_run_step(step)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(dataclasses.asdict(load_experiment(
+        "gsm8k_llama", [f"model.checkpoint={tmp_path / 'gone'}", "model.hf="]))))
+    with pytest.raises(ExperimentError, match="gone \\(the model the run started from\\) is not a latro-jax checkpoint"):
+        load_run_step(step)
 
 
 def test_missing_weights_say_how_to_convert(tmp_path):
@@ -127,6 +176,8 @@ def test_a_mesh_the_devices_cannot_make_names_the_fields(tmp_path):
     ("mesh.data=0", "mesh.data=0.*MeshSpec.data=0 must be a positive device count or -1"),
     ("mesh.tensor=-1", "mesh.tensor=-1.*only one axis may be -1"),
     ("model.remat=some", "model.remat='some' is invalid; allowed: none, full, projections"),
+    ("objective.nonstop_group=5", "objective.nonstop_group=5 is invalid; must be 0 .* or divide "
+                                  "train.questions_per_update=24"),
 ])
 def test_bad_overrides_name_the_field(override, message):
     with pytest.raises(ExperimentError, match=message):
@@ -153,6 +204,7 @@ def cli_overrides(checkpoint, source, output_dir, updates):
         ("data", "source", source), ("data", "eval_size", 2), ("rollout", "num_samples", 2),
         ("rollout", "max_new_tokens", 8), ("train", "questions_per_update", 2), ("train", "micro_batch", 2),
         ("train", "updates", updates), ("train", "maj_k", 2), ("train", "output_dir", output_dir),
+        ("objective", "sft_coef", 1.0), ("optim", "learning_rate", 1e-3),  # a gradient that moves the params (see tiny)
     ]]
 
 
@@ -184,6 +236,19 @@ def test_train_and_eval_command_lines(stand_ins, test_data, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     result = json.loads(results.read_text())
     assert result["examples"] == 2 and set(result) >= {"greedy_accuracy", "maj@2_accuracy", "tie_rule"}
+
+    # `tools/export_hf.py` (what `make export` runs) writes the run's step as an HF model (the
+    # path as tab completion gives it, with a slash) that transformers loads with our logits.
+    exported = tmp_path / "exported"
+    done = subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_hf.py"),
+                           os.path.join(run_dir, "best", "1") + os.sep, str(exported)],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    step = load_run_step(os.path.join(run_dir, "best", "1"))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(step.params),
+                                                       jax.tree.leaves(run_start_params(checkpoint))))
+    assert_exported_logits(step.config, step.params, exported)
+
 
 
 def test_ctrl_c_saves_after_the_current_update(stand_ins, test_data, tmp_path):

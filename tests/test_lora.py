@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 
 import chex
 
@@ -19,14 +20,14 @@ from transformers import AutoModelForCausalLM
 
 from latro_jax.checkpoint import load_model
 from latro_jax.config import ModelConfig
-from latro_jax.convert.hf import export_hf
+from latro_jax.convert.hf import export_hf, export_params
 from latro_jax.experiment import OptimSpec
 from latro_jax import lora as lora_lib
 from latro_jax import model
 from latro_jax.lora import LoraConfig, LoraRowsLoss, init_adapters, save_merged, training_bytes
 from latro_jax.objective import ObjectiveConfig
 from latro_jax.train import latro_rows_loss, make_optimizer, update
-from tests.hf_models import convert, hf_logits, make_hf_model, mixed_batch
+from tests.hf_models import assert_exported_logits, convert, hf_logits, make_hf_model, mixed_batch
 
 OBJECTIVE = ObjectiveConfig(beta=0.05)
 LORA = LoraConfig(rank=4, alpha=8.0)
@@ -146,7 +147,8 @@ def test_training_bytes():
     adapters = 2 * 1856
     adapted = 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 48)
     assert training_bytes(config) == dict(params=4 * base_count, grads=4 * base_count, optimizer=8 * base_count,
-                                          reference=4 * base_count, merged=0)
+                                          reference=2 * base_count, merged=0)  # pi_0 in bfloat16
+    assert training_bytes(config, base_dtype="float32")["reference"] == 4 * base_count
     assert training_bytes(config, LORA) == dict(params=2 * base_count + 4 * adapters, grads=4 * adapters,
                                                 optimizer=8 * adapters, reference=0, merged=2 * adapted)
 
@@ -174,6 +176,12 @@ def test_lora_run_trains_only_adapters_and_resumes_exactly(tmp_path):
     exp = stage_experiments(load_experiment("demo", overrides))["latro"]
     config, base = load_model(pretrained_base(load_experiment("demo", overrides), progress=False))
     straight = train.run(exp, progress=False)
+    # `make eval` / `make export` of the run's best step: the adapters merged into the base, as the
+    # run's final params; exported, transformers gives their logits.
+    step = train.load_run_step(os.path.join(exp.run_dir, "best", "2"))
+    chex.assert_trees_all_equal(step.params, straight["params"])
+    export_params(step.config, step.params, step.hf_files, tmp_path / "exported")
+    assert_exported_logits(step.config, step.params, tmp_path / "exported")
     resumed_exp = dataclasses.replace(exp, name="resumed")
     assert train.run(resumed_exp, stop_after=1, progress=False)["step"] == 1
     resumed = train.run(resumed_exp, progress=False)

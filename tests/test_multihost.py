@@ -194,7 +194,8 @@ def test_two_processes_train_save_and_another_mesh_finishes_the_run(tmp_path):
             if name in expected[step]:
                 np.testing.assert_allclose(got[step][name], expected[step][name], rtol=1e-4, atol=1e-4,
                                            err_msg=f"{name} at update {step}")
-    for step in (STOP_AFTER, t.updates):  # evaluations: by the two processes at 3, by the restored one at 5
+    # Evaluations, both by the restored process: of update 3 first (the stop after it skips it), then of 5.
+    for step in (STOP_AFTER, t.updates):
         with open(os.path.join(dataclasses.replace(exp, name="single").run_dir, f"eval_{step}.json")) as f:
             want = [(r["greedy_text"], r["maj@2"]) for r in json.load(f)["rows"]]
         with open(os.path.join(multi.run_dir, f"eval_{step}.json")) as f:

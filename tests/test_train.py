@@ -20,7 +20,7 @@ from latro_jax.objective import ObjectiveConfig, rollout_advantages
 from latro_jax.sampling import SamplingConfig
 from latro_jax.scoring import masked_sum, token_logprobs
 from latro_jax.train import (
-    latro_rows_loss, make_optimizer, micro_batches, questions, rollout, unmicro_batches, update,
+    latro_rows_loss, make_optimizer, micro_batches, questions, reference_params, rollout, unmicro_batches, update,
 )
 
 CONFIG = ModelConfig("llama", 64, 32, 48, 2, 4, 2, 8)
@@ -63,6 +63,25 @@ def test_cached_answer_reward_equals_full_rescoring(scored, reference_compat):
     np.testing.assert_allclose(np.asarray(result.advantages), np.asarray(expected), atol=1e-4)
     # The sampler's own log-probs are the policy's (on-policy).
     np.testing.assert_allclose(np.asarray(out.logprobs.sum(1)), np.asarray(policy), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_reference_params_score_as_the_float32_params(dtype):
+    """pi_0 is kept in the compute dtype (half the bytes under bfloat16): its log-probs equal the
+    float32 params' bit for bit, since the model casts every weight to the compute dtype where it
+    uses it (tied embeddings and biases too; test_sharding's meshes run the scanned layers). It
+    is a copy: updates donate the params."""
+    config = CONFIG.replace(dtype=dtype, tie_word_embeddings=True, qkv_bias=True)
+    params = init_params(config, seed=3)
+    reference = reference_params(config, params)
+    assert {x.dtype for x in jax.tree.leaves(reference)} == {jnp.dtype(dtype)}
+    for ours, theirs in zip(jax.tree.leaves(reference), jax.tree.leaves(params)):
+        assert ours.unsafe_buffer_pointer() != theirs.unsafe_buffer_pointer()
+    tokens = jax.random.randint(jax.random.key(0), (3, 10), 0, config.vocab_size)
+    mask = jnp.arange(10)[None] >= jnp.array([[0], [2], [5]])  # left padding
+    expected = token_logprobs(config, params, tokens, mask)
+    np.testing.assert_array_equal(np.asarray(token_logprobs(config, reference, tokens, mask)), np.asarray(expected))
+    assert np.count_nonzero(np.asarray(expected)) == int(jnp.sum(mask[:, 1:] & mask[:, :-1]))  # real scores
 
 
 def test_micro_batches_give_the_whole_batch_gradient(scored):

@@ -17,40 +17,22 @@ import _cli
 
 
 def load(model: str, dtype: str):
-    """(ModelConfig, params, tokenizer directory) for any of the accepted MODEL forms."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, load_model, on_one_device
+    """(ModelConfig, params, tokenizer directory or hub id) for any of the accepted MODEL forms."""
+    from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, load_model
     from latro_jax.convert.hf import convert_hf
-    from latro_jax.experiment import experiment_from_dict
-    from latro_jax.lora import abstract_adapters, lora_config, merge
-    from latro_jax.train import load_policy, make_optimizer
+    from latro_jax.train import is_run_step, load_run_step
 
     if os.path.isfile(os.path.join(model, CONFIG_FILE)):
         config, params = load_model(model, dtype=dtype)
         return config, params, os.path.join(model, HF_DIR)
-    if os.path.isdir(os.path.join(model, "state")):  # a training checkpoint step: <run>/<best|checkpoints>/<step>
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(model)))
-        with open(os.path.join(run_dir, "config.json")) as f:
-            exp = experiment_from_dict(json.load(f))
-        config, base, tokenizer_dir = load_policy(exp)
-        lora = lora_config(exp.model)
-        trained = abstract_adapters(config, lora) if lora else base  # a LoRA run saves its adapters
-        optimizer = make_optimizer(exp.optim, exp.train.updates)
-        # Onto this process's first device, whatever mesh the run saved from (eval_shape has no sharding).
-        abstract = on_one_device(jax.eval_shape(lambda: {"params": trained, "opt_state": optimizer.init(trained)}))
-        with ocp.CheckpointManager(os.path.dirname(os.path.abspath(model)), item_names=("state",)) as manager:
-            restored = manager.restore(int(os.path.basename(model)),
-                                       args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-        params = restored.state["params"]
-        if lora:
-            params = jax.jit(merge, static_argnums=0)(lora, base, params)
-        return config.replace(dtype=dtype), params, tokenizer_dir
-    converted = os.path.join(tempfile.mkdtemp(prefix="latro-eval-"), "model")
-    convert_hf(model, converted)
-    config, params = load_model(converted, dtype=dtype)
-    return config, params, os.path.join(converted, HF_DIR)
+    if is_run_step(model):  # runs/<exp>/<best|checkpoints>/<step>: the params only, onto one device
+        config, params, tokenizer, _ = load_run_step(model, dtype)
+        return config, params, tokenizer
+    with tempfile.TemporaryDirectory(prefix="latro-eval-") as tmp:  # an HF directory or hub id
+        converted = os.path.join(tmp, "model")
+        convert_hf(model, converted)
+        config, params = load_model(converted, dtype=dtype)
+    return config, params, model  # the HF directory (or hub id) holds the tokenizer
 
 
 def main() -> None:

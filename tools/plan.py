@@ -174,7 +174,9 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
         policy = abstract_params(train_config)
         policy = placed(policy, param_shardings(mesh, policy))
         trained = policy
-        reference = policy  # train.run keeps pi_0 as a float32 copy
+        reference = jax.tree.map(  # train.reference_params: pi_0 is a copy in the compute dtype
+            lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(train_config.dtype), sharding=a.sharding)
+            if jnp.issubdtype(a.dtype, jnp.floating) else a, policy)
         sampled = policy
     else:
         from latro_jax.lora import LoraConfig, LoraRowsLoss, abstract_adapters
