@@ -55,6 +55,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # as os.makedirs would make it (mkdtemp's is private: 0700)
     try:
         yield tmp
         os.replace(tmp, path)

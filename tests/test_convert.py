@@ -231,6 +231,19 @@ def test_a_missing_directory_or_model_is_named(tmp_path, monkeypatch):
     assert_nothing_written(tmp_path)
 
 
+def test_outputs_are_readable_by_others_and_never_overwritten(hf_dir, tmp_path):
+    """A checkpoint or export directory gets the permissions os.makedirs gives (the umask's), not
+    the temporary directory's private 0700: a server running as another user reads it. An
+    existing output stops the conversion before any weight is read (or downloaded)."""
+    convert_hf(str(hf_dir), tmp_path / "ckpt")
+    export_hf(tmp_path / "ckpt", tmp_path / "out")
+    os.makedirs(tmp_path / "plain")
+    for made in ("ckpt", "out"):
+        assert os.stat(tmp_path / made).st_mode == os.stat(tmp_path / "plain").st_mode
+    with pytest.raises(FileExistsError, match="ckpt already exists"):
+        convert_hf(str(tmp_path / "not" / "a" / "model"), tmp_path / "ckpt")
+
+
 def test_cli_reports_error_without_traceback(hf_dir, tmp_path):
     os.remove(only_weights_file(hf_dir))
     result = subprocess.run(

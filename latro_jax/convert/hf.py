@@ -120,6 +120,8 @@ def convert_hf(
 
     `param_dtype` defaults to the checkpoint's own dtype (config.json `dtype`/`torch_dtype`).
     """
+    if os.path.exists(output):  # before any download or read, not after
+        raise FileExistsError(f"{os.path.abspath(output)} already exists; choose another output path or remove it")
     directory = resolve_source(source)
     config_path = os.path.join(directory, "config.json")
     config = ModelConfig.from_hf(config_path)
