@@ -671,6 +671,36 @@ def sft_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int
     return {"tokens": tokens, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
+# What a run's saved params are: a rerun that resumes from them must not change these.
+WEIGHT_SETTINGS = (("model", "checkpoint"), ("model", "hf"), ("model", "lora_rank"), ("model", "lora_alpha"),
+                   ("pretrain", None))
+
+
+def check_resumable(run_dir: str, exp: Experiment) -> None:
+    """A rerun in a run directory that holds checkpoints resumes from them: the settings that say
+    what their params are (WEIGHT_SETTINGS) must be the run's (its config.json), or the restore
+    would read them as something else (a changed lora_alpha scales the adapters differently).
+    Others may change (train.updates, to train on, say); config.json then records the new ones."""
+    config_path = os.path.join(run_dir, "config.json")
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    if not (os.path.isfile(config_path) and os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+        return
+    with open(config_path) as f:
+        saved = json.load(f)
+    now = dataclasses.asdict(exp)
+    changed = []
+    for section, field in WEIGHT_SETTINGS:
+        before, after = saved.get(section, {}), now[section]
+        if field is not None:
+            before, after = before.get(field, after), after[field]  # a field the run's version lacked: unknown
+        if section in saved and before != after:
+            changed.append(f"{section}{'.' + field if field else ''}: {before!r} in the run, now {after!r}")
+    if changed:
+        raise ExperimentError(f"{run_dir} holds checkpoints of a run with other weights ({'; '.join(changed)}): "
+                              "rerun with the run's settings to resume it, or start another run (train.output_dir "
+                              "or the experiment's name)")
+
+
 def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress: bool = True) -> dict:
     """Train `exp` from scratch or from its latest checkpoint; return the last metrics.
 
@@ -687,6 +717,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
     """
     run_dir = exp.run_dir
     os.makedirs(run_dir, exist_ok=True)
+    check_resumable(run_dir, exp)
     primary = is_primary()
     if primary:
         with open(os.path.join(run_dir, "config.json"), "w") as f:

@@ -20,7 +20,7 @@ from hf_models import assert_exported_logits, make_hf_model
 from latro_jax.config import ConfigError, ModelConfig
 from latro_jax.convert.hf import convert_hf
 from latro_jax.experiment import ExperimentError, experiment_from_dict, load_experiment
-from latro_jax.train import load_run_step, run
+from latro_jax.train import check_resumable, load_run_step, run
 from shared_tokenizers import built
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -152,6 +152,20 @@ def test_a_bad_run_step_is_named(tmp_path):
         "gsm8k_llama", [f"model.checkpoint={tmp_path / 'gone'}", "model.hf="]))))
     with pytest.raises(ExperimentError, match="gone \\(the model the run started from\\) is not a latro-jax checkpoint"):
         load_run_step(step)
+
+
+def test_a_rerun_with_other_weights_does_not_resume(tmp_path):
+    """A run directory with checkpoints resumes only under the settings its params were saved
+    with; train.updates may change (to train on), model.lora_alpha may not."""
+    exp = load_experiment("gsm8k_llama", [f"train.output_dir={tmp_path}", "model.lora_rank=16"])
+    os.makedirs(os.path.join(exp.run_dir, "checkpoints", "10"))
+    with open(os.path.join(exp.run_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(exp), f)
+    check_resumable(exp.run_dir, dataclasses.replace(exp, train=dataclasses.replace(exp.train, updates=500)))
+    other = dataclasses.replace(exp, model=dataclasses.replace(exp.model, lora_alpha=32.0))
+    with pytest.raises(ExperimentError, match=r"holds checkpoints of a run with other weights \(model.lora_alpha: "
+                                              r"16.0 in the run, now 32.0\): rerun with the run's settings"):
+        run(other, progress=False)
 
 
 def test_missing_weights_say_how_to_convert(tmp_path):
