@@ -46,6 +46,10 @@ def config_from_json(text: str) -> ModelConfig:
     return ModelConfig(rope=RopeConfig(**rope), **fields)
 
 
+_UMASK = os.umask(0o022)  # the process's umask, read once at import (reading it means setting it)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary directory that replaces `path` only if the block completes."""
@@ -55,9 +59,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # as os.makedirs would make it (mkdtemp's is private: 0700)
+    os.chmod(tmp, 0o777 & ~_UMASK)  # as os.makedirs would make it (mkdtemp's is private: 0700)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -81,16 +83,16 @@ def on_one_device(abstract, device=None):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
 
 
-def restore_params(path: str | os.PathLike, config: ModelConfig, shardings=None) -> nnx.State:
+def restore_params(path: str | os.PathLike, config: ModelConfig, shardings=None, device=None) -> nnx.State:
     """Restore params saved by `save_params` into the structure (and dtypes) `config` describes.
 
     `shardings`, a pytree of `jax.sharding.Sharding` matching the params, restores each array
-    straight into its shards; None places everything on the default device.
+    straight into its shards; None places everything on `device` (default: this process's first).
     """
     abstract = abstract_params(config)
     target = nnx.to_pure_dict(abstract)
     if shardings is None:
-        target = on_one_device(target)
+        target = on_one_device(target, device)
     else:
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, nnx.to_pure_dict(shardings)
@@ -126,14 +128,15 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         return config_from_json(f.read())
 
 
-def load_model(path: str | os.PathLike, mesh=None, **config_overrides) -> tuple[ModelConfig, nnx.State]:
+def load_model(path: str | os.PathLike, mesh=None, device=None, **config_overrides) -> tuple[ModelConfig, nnx.State]:
     """Read a model checkpoint directory. `config_overrides` (e.g. dtype="bfloat16") apply on load;
     a different `param_dtype` casts the stored params. `mesh`: restore each array straight into
-    its shards on it (`sharding.param_shardings`); None: onto the default device."""
+    its shards on it (`sharding.param_shardings`); None: onto `device` (default: this process's
+    first)."""
     path = os.fspath(path)
     stored = read_config(path)
     shardings = None if mesh is None else param_shardings(mesh, abstract_params(stored))
-    params = restore_params(os.path.join(path, PARAMS_DIR), stored, shardings)
+    params = restore_params(os.path.join(path, PARAMS_DIR), stored, shardings, device)
     config = stored.replace(**config_overrides)
     if config.param_dtype != stored.param_dtype:
         params = jax.tree.map(lambda x: x.astype(config.param_dtype), params)

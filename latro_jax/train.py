@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import signal
 import time
 from typing import NamedTuple
@@ -494,7 +495,7 @@ class RunStep(NamedTuple):
     """The model of a training run's checkpoint step (`load_run_step`)."""
 
     config: ModelConfig  # compute dtype as asked; param_dtype the params'
-    params: nnx.State  # float32 master weights; a LoRA run's adapters merged into its base
+    params: nnx.State  # float32 master weights; a LoRA run's: the adapters merged into its base (compute dtype)
     tokenizer: str  # tokenizer directory or hub id
     hf_files: str  # the base model's HF side files (config.json, tokenizer, generation config)
 
@@ -524,8 +525,7 @@ def load_run_step(path: str | os.PathLike, dtype: str | None = None, device=None
     lora = lora_config(exp.model)
     stored = read_config(base)
     if lora:  # the run saved its adapters; the frozen base is stored in the compute dtype, as the run held it
-        with jax.default_device(device):
-            _, base_params = load_model(base, dtype=exp.model.dtype, param_dtype=exp.model.dtype)
+        _, base_params = load_model(base, device=device, dtype=exp.model.dtype, param_dtype=exp.model.dtype)
         target = abstract_adapters(stored, lora)
     else:
         target = abstract_params(stored.replace(param_dtype="float32"))
@@ -572,13 +572,28 @@ def _keep_lines(path: str, keep) -> None:
         os.replace(path + ".tmp", path)
 
 
+def _metrics_up_to(step: int):
+    """A `_keep_lines` filter of metrics.jsonl: the records of updates up to `step`; a line cut
+    short (a kill while writing) or otherwise unreadable is dropped."""
+
+    def keep(line: str) -> bool:
+        try:
+            record = json.loads(line)
+            return int(record["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    return keep
+
+
 def _samples_up_to(step: int):
     """A `_keep_lines` filter of samples.txt: the sections of updates up to `step`."""
     current = [0]
 
     def keep(line: str) -> bool:
-        if line.startswith("==== update "):
-            current[0] = int(line.split()[2])
+        header = re.fullmatch(r"==== update (\d+)\n?", line)
+        if header:
+            current[0] = int(header.group(1))
         return current[0] <= step
 
     return keep
@@ -603,11 +618,11 @@ class RunLog:
         if not self.enabled:
             return
         metrics_path, samples_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "samples.txt")
-        _keep_lines(metrics_path, lambda line: json.loads(line)["step"] <= step)
+        _keep_lines(metrics_path, _metrics_up_to(step))
         _keep_lines(samples_path, _samples_up_to(step))
         self.metrics = open(metrics_path, "a")
         self.samples = open(samples_path, "a")
-        self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=step + 1 if step else None)
+        self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=step + 1)
         self.wandb = None
         if exp.train.wandb_project:
             self.wandb = wandb.init(project=exp.train.wandb_project, name=exp.name, config=dataclasses.asdict(exp),
@@ -671,30 +686,25 @@ def sft_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int
     return {"tokens": tokens, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
-# What a run's saved params are: a rerun that resumes from them must not change these.
-WEIGHT_SETTINGS = (("model", "checkpoint"), ("model", "hf"), ("model", "lora_rank"), ("model", "lora_alpha"),
-                   ("pretrain", None))
+# How a run's saved params are read: a rerun that resumes from them must not change these.
+WEIGHT_SETTINGS = ("lora_rank", "lora_alpha")
 
 
 def check_resumable(run_dir: str, exp: Experiment) -> None:
     """A rerun in a run directory that holds checkpoints resumes from them: the settings that say
-    what their params are (WEIGHT_SETTINGS) must be the run's (its config.json), or the restore
-    would read them as something else (a changed lora_alpha scales the adapters differently).
-    Others may change (train.updates, to train on, say); config.json then records the new ones."""
+    how their params are read (model.lora_rank and model.lora_alpha: a changed alpha would scale
+    the restored adapters differently, silently) must be the run's (its config.json). Others may
+    change (train.updates, to train on; model.checkpoint, a moved copy of the base); config.json
+    then records the new ones."""
     config_path = os.path.join(run_dir, "config.json")
     checkpoints = os.path.join(run_dir, "checkpoints")
     if not (os.path.isfile(config_path) and os.path.isdir(checkpoints) and os.listdir(checkpoints)):
         return
     with open(config_path) as f:
         saved = json.load(f)
-    now = dataclasses.asdict(exp)
-    changed = []
-    for section, field in WEIGHT_SETTINGS:
-        before, after = saved.get(section, {}), now[section]
-        if field is not None:
-            before, after = before.get(field, after), after[field]  # a field the run's version lacked: unknown
-        if section in saved and before != after:
-            changed.append(f"{section}{'.' + field if field else ''}: {before!r} in the run, now {after!r}")
+    model = dataclasses.asdict(exp.model)
+    changed = [f"model.{field}: {saved['model'][field]!r} in the run, now {model[field]!r}"
+               for field in WEIGHT_SETTINGS if field in saved.get("model", {}) and saved["model"][field] != model[field]]
     if changed:
         raise ExperimentError(f"{run_dir} holds checkpoints of a run with other weights ({'; '.join(changed)}): "
                               "rerun with the run's settings to resume it, or start another run (train.output_dir "
@@ -705,8 +715,9 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
     """Train `exp` from scratch or from its latest checkpoint; return the last metrics.
 
     `stop_after` ends the run (saving) after that many updates of this call, as an interruption
-    would. The run directory holds config.json, checkpoints/ (last N), best/ (by validation
-    greedy accuracy), metrics.jsonl, tensorboard/, samples.txt and eval_<step>.json.
+    would: an evaluation due after that update is left to the resumed run, which does it first.
+    The run directory holds config.json, checkpoints/ (last N), best/ (by validation greedy
+    accuracy), metrics.jsonl, tensorboard/, samples.txt and eval_<step>.json.
 
     The run is laid out on the mesh `exp.mesh` over every device of every process
     (`sharding.initialize_distributed` first joins a multi-host run's processes): params and
@@ -719,9 +730,10 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
     os.makedirs(run_dir, exist_ok=True)
     check_resumable(run_dir, exp)
     primary = is_primary()
-    if primary:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
+    if primary:  # atomically: the other processes of a multi-host run read it (check_resumable)
+        with open(os.path.join(run_dir, "config.json.tmp"), "w") as f:
             json.dump(dataclasses.asdict(exp), f, indent=1)
+        os.replace(os.path.join(run_dir, "config.json.tmp"), os.path.join(run_dir, "config.json"))
     try:
         mesh = make_mesh(exp.mesh)
     except ValueError as e:
@@ -831,9 +843,11 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
         log.write(at, {f"eval/{k}": v for k, v in eval_metrics.items()})
         log.write_samples(at, rollout_samples(tokenizer, *last_rollout, sampling.num_samples)
                           if last_rollout else [r["greedy_text"] for r in result["rows"][:4]])
-        best.save(at, args=_checkpoint_args({"params": params, "opt_state": opt_state},
-                                            {"step": at, "experiment": exp.name}),
-                  metrics={"greedy_accuracy": eval_metrics["greedy_accuracy"]})
+        if at not in best.all_steps():  # a kill after best/ was written but before eval_<at>.json
+            best.save(at, args=_checkpoint_args({"params": params, "opt_state": opt_state},
+                                                {"step": at, "experiment": exp.name}),
+                      metrics={"greedy_accuracy": eval_metrics["greedy_accuracy"]})
+        best.wait_until_finished()
         if primary:  # written last: its presence says that the evaluation of `at` is complete
             with open(os.path.join(run_dir, f"eval_{at}.json"), "w") as f:
                 json.dump(result, f, indent=1)
@@ -851,6 +865,10 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                                      and not os.path.isfile(os.path.join(run_dir, f"eval_{step}.json"))])
             if pending:
                 metrics.update(run_eval(step))
+                (stopping,) = global_max([stop["signal"] is not None])  # one asked for during it
+                if stopping:
+                    stop["signal"] = stop["signal"] or "another process's"
+                    raise Interrupted(f"stopped after evaluating update {step}; rerun the same command to resume")
             while step < t.updates:
                 batch = load_batch(step)
                 started = time.perf_counter()

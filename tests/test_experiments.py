@@ -116,8 +116,8 @@ def test_a_stop_saves_before_the_evaluation_and_the_resume_does_it(stand_ins, te
     run_dir = exp.run_dir
     assert os.listdir(os.path.join(run_dir, "checkpoints")) == ["2"] and not os.listdir(os.path.join(run_dir, "best"))
     assert not os.path.exists(os.path.join(run_dir, "eval_2.json"))
-    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:  # and a line a kill cut short
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n" + '{"step": 3, "lo')
     with open(os.path.join(run_dir, "samples.txt"), "a") as f:
         f.write("==== update 3\nlost\n")
 
@@ -155,13 +155,15 @@ def test_a_bad_run_step_is_named(tmp_path):
 
 
 def test_a_rerun_with_other_weights_does_not_resume(tmp_path):
-    """A run directory with checkpoints resumes only under the settings its params were saved
-    with; train.updates may change (to train on), model.lora_alpha may not."""
+    """A run directory with checkpoints resumes only under the settings its params are read with:
+    train.updates may change (to train on) and model.checkpoint (a moved base), model.lora_alpha
+    may not."""
     exp = load_experiment("gsm8k_llama", [f"train.output_dir={tmp_path}", "model.lora_rank=16"])
     os.makedirs(os.path.join(exp.run_dir, "checkpoints", "10"))
     with open(os.path.join(exp.run_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(exp), f)
-    check_resumable(exp.run_dir, dataclasses.replace(exp, train=dataclasses.replace(exp.train, updates=500)))
+    check_resumable(exp.run_dir, dataclasses.replace(exp, train=dataclasses.replace(exp.train, updates=500),
+                                                     model=dataclasses.replace(exp.model, checkpoint="/moved")))
     other = dataclasses.replace(exp, model=dataclasses.replace(exp.model, lora_alpha=32.0))
     with pytest.raises(ExperimentError, match=r"holds checkpoints of a run with other weights \(model.lora_alpha: "
                                               r"16.0 in the run, now 32.0\): rerun with the run's settings"):

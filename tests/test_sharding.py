@@ -176,6 +176,7 @@ def test_meshes_give_the_single_device_results():
     # Params created in their shards and restored from a checkpoint into them: the same values.
     for key in ("init_in_shards", "restore_in_shards"):
         assert report[key] == {"max_diff": 0.0, "shardings_match": True}, key
+    assert report["restore_onto_device"] == {"max_diff": 0.0, "devices": [5]}
 
 
 # ---- the subprocess --------------------------------------------------------------------------
@@ -314,8 +315,14 @@ def _mesh_checks() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         save_params(os.path.join(tmp, "params"), params)
         restored = restore_params(os.path.join(tmp, "params"), CONFIG, param_shardings)
+        # Onto one chosen device (make export reads a run's step onto the CPU, whatever the default).
+        on_device = restore_params(os.path.join(tmp, "params"), CONFIG, device=jax.devices()[5])
     out["restore_in_shards"] = {
         "max_diff": _max_diff(restored, params), "shardings_match": _same_shardings(restored, param_shardings),
+    }
+    out["restore_onto_device"] = {
+        "max_diff": _max_diff(on_device, params),
+        "devices": sorted({d.id for x in jax.tree.leaves(on_device) for d in x.devices()}),
     }
     return out
 
