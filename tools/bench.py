@@ -288,8 +288,7 @@ def build_models(bench: BenchConfig, directory: str, device: torch.device):
     model.eval()
     model.save_pretrained(os.path.join(directory, "hf"))
     checkpoint = os.path.join(directory, "latro")
-    with jax.default_device(jax.devices("cpu")[0]):  # the conversion's arrays stay off the accelerator
-        convert_hf(os.path.join(directory, "hf"), checkpoint, param_dtype=bench.dtype)
+    convert_hf(os.path.join(directory, "hf"), checkpoint, param_dtype=bench.dtype)  # in host memory
     return model, checkpoint
 
 

@@ -141,18 +141,21 @@ def convert_hf(
         progress.update()
         return handles[file].get_tensor(name), file
 
-    try:
-        params = params_from_tensors(config, abstract_params(config), read)
-    finally:
-        progress.close()
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
     side_files = {
         name: os.path.join(directory, name)
         for name in HF_SIDE_FILES
         if os.path.isfile(os.path.join(directory, name))
     }
-    save_model(output, config, params, side_files)
+    # In host memory, whatever the default device: a float32 8B model is 32 GB, more than one
+    # TPU chip's memory, and nothing here needs an accelerator.
+    with jax.default_device(jax.devices("cpu")[0]):
+        try:
+            params = params_from_tensors(config, abstract_params(config), read)
+        finally:
+            progress.close()
+            for handle in handles.values():
+                handle.__exit__(None, None, None)
+        save_model(output, config, params, side_files)
     return config
 
 
