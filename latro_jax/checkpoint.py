@@ -25,7 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from latro_jax.config import ModelConfig, RopeConfig
+from latro_jax.config import ConfigError, ModelConfig, RopeConfig
 from latro_jax.model import abstract_params
 from latro_jax.sharding import param_shardings
 
@@ -125,7 +125,11 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
             "`make convert SRC=<hf dir or hub id> OUT=<dir>`"
         )
     with open(config_path) as f:
-        return config_from_json(f.read())
+        text = f.read()
+    try:
+        return config_from_json(text)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # ConfigError is a ValueError: its text names the field
+        raise ConfigError(f"{config_path}: {type(e).__name__}: {e}") from None
 
 
 def load_model(path: str | os.PathLike, mesh=None, device=None, **config_overrides) -> tuple[ModelConfig, nnx.State]:

@@ -249,6 +249,20 @@ def test_outputs_are_readable_by_others_and_never_overwritten(hf_dir, tmp_path, 
         convert_hf(str(tmp_path / "not" / "a" / "model"), tmp_path / "ckpt")
 
 
+def test_a_damaged_checkpoint_config_names_the_file(hf_dir, tmp_path):
+    """A model_config.json cut short, or with a field this version does not know, stops with one
+    line naming the file (and the field)."""
+    convert_hf(str(hf_dir), tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "model_config.json"
+    fields = json.loads(path.read_text())
+    path.write_text(json.dumps({**fields, "attention_sinks": 4}))
+    with pytest.raises(ConfigError, match=rf"^{path}: TypeError: .*'attention_sinks'"):
+        load_model(tmp_path / "ckpt")
+    path.write_text(json.dumps(fields)[:40])
+    with pytest.raises(ConfigError, match=rf"^{path}: JSONDecodeError: "):
+        load_model(tmp_path / "ckpt")
+
+
 def test_cli_reports_error_without_traceback(hf_dir, tmp_path):
     os.remove(only_weights_file(hf_dir))
     result = subprocess.run(
