@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -52,12 +53,16 @@ os.umask(_UMASK)
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary directory that replaces `path` only if the block completes."""
+    """Yield a temporary directory that replaces `path` only if the block completes. Temporary
+    directories of `path` that an earlier, killed attempt left (a converted 8B model is 32 GB)
+    are removed first: one writer makes a given output at a time."""
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path):
         raise FileExistsError(f"{path} already exists; choose another output path or remove it")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(os.path.basename(path))}.partial-*")):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
     os.chmod(tmp, 0o777 & ~_UMASK)  # as os.makedirs would make it (mkdtemp's is private: 0700)
     try:

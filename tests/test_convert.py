@@ -247,6 +247,11 @@ def test_outputs_are_readable_by_others_and_never_overwritten(hf_dir, tmp_path, 
         assert stat.S_IMODE(os.stat(tmp_path / made).st_mode) == 0o755
     with pytest.raises(FileExistsError, match="ckpt already exists"):
         convert_hf(str(tmp_path / "not" / "a" / "model"), tmp_path / "ckpt")
+    # What a killed conversion left is removed by the next one to that path, and only that.
+    for left in (".ckpt2.partial-x1y2", ".ckpt22.partial-z"):
+        os.makedirs(tmp_path / left / "params")
+    convert_hf(str(hf_dir), tmp_path / "ckpt2")
+    assert sorted(n for n in os.listdir(tmp_path) if "partial" in n) == [".ckpt22.partial-z"]
 
 
 def test_a_damaged_checkpoint_config_names_the_file(hf_dir, tmp_path):
