@@ -254,6 +254,14 @@ def make_optimizer(spec: OptimSpec, updates: int) -> optax.GradientTransformatio
     return adamw
 
 
+def applied_updates(opt_state) -> int:
+    """How many updates the optimizer has applied (a skipped, non-finite one is not counted): the
+    step its learning-rate schedule is at."""
+    counts = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+              if isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "count"]
+    return int(to_host(counts[0]))
+
+
 def learning_rate(spec: OptimSpec, updates: int, step: int) -> float:
     if step < spec.warmup_steps:
         return spec.learning_rate * step / spec.warmup_steps
@@ -894,7 +902,9 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                 metrics = {k: float(v) for k, v in to_host({**rollout_metrics, **update_metrics}).items()}
                 metrics.update(time_update_s=now - update_started, tokens_per_s=real_tokens / (now - started),
                                micro_batch_rows=micro_rows,
-                               lr=learning_rate(exp.optim, t.updates, step))
+                               # the schedule's rate at this update: it does not advance over skipped ones
+                               lr=learning_rate(exp.optim, t.updates,
+                                                applied_updates(opt_state) - 1 + int(metrics["skipped"])))
                 if metrics["skipped"] and primary:
                     tqdm.write(f"update {step}: non-finite loss or gradient; update skipped (params unchanged)")
                 step += 1

@@ -20,7 +20,8 @@ from latro_jax.objective import ObjectiveConfig, rollout_advantages
 from latro_jax.sampling import SamplingConfig
 from latro_jax.scoring import masked_sum, token_logprobs
 from latro_jax.train import (
-    latro_rows_loss, make_optimizer, micro_batches, questions, reference_params, rollout, unmicro_batches, update,
+    applied_updates, latro_rows_loss, make_optimizer, micro_batches, questions, reference_params, rollout,
+    unmicro_batches, update,
 )
 
 CONFIG = ModelConfig("llama", 64, 32, 48, 2, 4, 2, 8)
@@ -199,6 +200,12 @@ def test_non_finite_update_is_skipped(scored):
     new, new_state, metrics = update(CONFIG, OBJECTIVE, optimizer, 4, latro_rows_loss, int(out.prompt_slots), p, state, rows)
     assert int(metrics["skipped"]) == 1
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new, params)
+    # The learning-rate schedule stays where it was (the run logs the rate of applied_updates).
+    assert applied_updates(new_state) == 0
+    rows["advantages"] = rows_of(result)["advantages"]
+    _, after, metrics = update(CONFIG, OBJECTIVE, optimizer, 4, latro_rows_loss, int(out.prompt_slots), new, new_state,
+                               rows)
+    assert int(metrics["skipped"]) == 0 and applied_updates(after) == 1
 
 
 def test_model_passes_per_update(monkeypatch):
