@@ -51,14 +51,19 @@ _UMASK = os.umask(0o022)  # the process's umask, read once at import (reading it
 os.umask(_UMASK)
 
 
+def refuse_existing(path: str | os.PathLike) -> None:
+    """An output directory is never overwritten."""
+    if os.path.exists(path):
+        raise FileExistsError(f"{os.path.abspath(path)} already exists; choose another output path or remove it")
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary directory that replaces `path` only if the block completes. Temporary
     directories of `path` that an earlier, killed attempt left (a converted 8B model is 32 GB)
     are removed first: one writer makes a given output at a time."""
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path):
-        raise FileExistsError(f"{path} already exists; choose another output path or remove it")
+    refuse_existing(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     for stale in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(os.path.basename(path))}.partial-*")):

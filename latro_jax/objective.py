@@ -73,12 +73,10 @@ def answer_rewards(
     chex.assert_rank(answer_logprob_sums, 1)
     chex.assert_equal_shape([answer_logprob_sums, finished])
     n = answer_logprob_sums.shape[0]
-    if 0 < group_rows < n:
-        if n % group_rows:
-            raise ValueError(f"the non-stop penalty's groups of {group_rows} rows do not divide the {n} rows")
-        means = jnp.repeat(jnp.mean(answer_logprob_sums.reshape(n // group_rows, group_rows), axis=1), group_rows)
-    else:
-        means = jnp.mean(answer_logprob_sums)
+    group = min(group_rows, n) or n
+    if n % group:
+        raise ValueError(f"the non-stop penalty's groups of {group_rows} rows do not divide the {n} rows")
+    means = jnp.repeat(jnp.mean(answer_logprob_sums.reshape(n // group, group), axis=1), group)
     return jnp.where(finished.astype(bool), answer_logprob_sums, nonstop_coef * means)
 
 

@@ -440,15 +440,20 @@ def commit(tree):
     return jax.tree.map(lambda x: jax.device_put(x, x.sharding), tree)
 
 
+def reference_dtype(config: ModelConfig, dtype) -> jnp.dtype:
+    """The dtype pi_0 keeps a param of `dtype` in (`reference_params`): floating ones in the compute dtype."""
+    return jnp.dtype(config.dtype) if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(dtype)
+
+
 def reference_params(config: ModelConfig, params: nnx.State) -> nnx.State:
     """pi_0 of full fine-tuning: a copy of the starting params in the compute dtype, in their
     shardings. The model casts each weight to the compute dtype where it uses it, so a forward over
     this copy equals one over the float32 params bit for bit, in half the bytes under bfloat16
     (16 GB less for an 8B model). A copy, never the params' own buffers, which updates donate."""
-    dtype = jnp.dtype(config.dtype)
 
     def copy(x):
-        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else jnp.copy(x)
+        dtype = reference_dtype(config, x.dtype)
+        return x.astype(dtype) if x.dtype != dtype else jnp.copy(x)
 
     return jax.tree.map(copy, params)
 
@@ -529,14 +534,15 @@ def load_run_step(path: str | os.PathLike, dtype: str | None = None, device=None
     exp = dataclasses.replace(exp, name=os.path.basename(run_dir),
                               train=dataclasses.replace(exp.train, output_dir=os.path.dirname(run_dir)))
     base = base_checkpoint(exp, create=False)
-    device = device or jax.local_devices()[0]
     lora = lora_config(exp.model)
     stored = read_config(base)
-    if lora:  # the run saved its adapters; the frozen base is stored in the compute dtype, as the run held it
-        _, base_params = load_model(base, device=device, dtype=exp.model.dtype, param_dtype=exp.model.dtype)
+    # as the run held them: a LoRA run's frozen base in the compute dtype, full fine-tuning's float32
+    param_dtype = exp.model.dtype if lora else "float32"
+    if lora:  # the run saved its adapters
+        _, base_params = load_model(base, device=device, dtype=exp.model.dtype, param_dtype=param_dtype)
         target = abstract_adapters(stored, lora)
     else:
-        target = abstract_params(stored.replace(param_dtype="float32"))
+        target = abstract_params(stored.replace(param_dtype=param_dtype))
     target = {"params": on_one_device(target, device)}
     with ocp.PyTreeCheckpointer() as checkpointer:
         restored = checkpointer.restore(os.path.join(path, "state"), args=ocp.args.PyTreeRestore(
@@ -544,7 +550,7 @@ def load_run_step(path: str | os.PathLike, dtype: str | None = None, device=None
     params = restored["params"]
     if lora:
         params = jax.jit(merge, static_argnums=0)(lora, base_params, params)
-    config = stored.replace(dtype=dtype or exp.model.dtype, param_dtype=jax.tree.leaves(params)[0].dtype.name)
+    config = stored.replace(dtype=dtype or exp.model.dtype, param_dtype=param_dtype)
     return RunStep(config, params, exp.model.tokenizer or os.path.join(base, HF_DIR), os.path.join(base, HF_DIR))
 
 
@@ -835,10 +841,19 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
     key = jax.random.key(t.seed)
     eval_key = jax.random.fold_in(key, 2**31 - 1)  # a stream apart from the updates' fold_in(key, step)
 
+    def state_args(at: int):
+        return _checkpoint_args({"params": params, "opt_state": opt_state}, {"step": at, "experiment": exp.name})
+
     def save(at: int) -> None:
         if latest.latest_step() != at:
-            latest.save(at, args=_checkpoint_args({"params": params, "opt_state": opt_state},
-                                                  {"step": at, "experiment": exp.name}))
+            latest.save(at, args=state_args(at))
+
+    def asked_to_stop() -> bool:
+        """Whether any process was signalled to stop (a collective: every process stops together)."""
+        (stopping,) = global_max([stop["signal"] is not None])
+        if stopping and stop["signal"] is None:
+            stop["signal"] = "another process's"
+        return bool(stopping)
 
     def eval_due(at: int) -> bool:
         return at % t.eval_every == 0 or at == t.updates
@@ -852,9 +867,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
         log.write_samples(at, rollout_samples(tokenizer, *last_rollout, sampling.num_samples)
                           if last_rollout else [r["greedy_text"] for r in result["rows"][:4]])
         if at not in best.all_steps():  # a kill after best/ was written but before eval_<at>.json
-            best.save(at, args=_checkpoint_args({"params": params, "opt_state": opt_state},
-                                                {"step": at, "experiment": exp.name}),
-                      metrics={"greedy_accuracy": eval_metrics["greedy_accuracy"]})
+            best.save(at, args=state_args(at), metrics={"greedy_accuracy": eval_metrics["greedy_accuracy"]})
         best.wait_until_finished()
         if primary:  # written last: its presence says that the evaluation of `at` is complete
             with open(os.path.join(run_dir, f"eval_{at}.json"), "w") as f:
@@ -862,6 +875,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
         return eval_metrics
 
     update_step = update_jit(params, opt_state)  # outputs in the shardings placed above, update after update
+    applied = applied_updates(opt_state)  # the learning-rate schedule's step: it skips non-finite updates
     metrics: dict = {}
     last_rollout = None
     bar = tqdm(total=t.updates, initial=step, desc=exp.name, unit="update", disable=not (progress and primary))
@@ -873,9 +887,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                                      and not os.path.isfile(os.path.join(run_dir, f"eval_{step}.json"))])
             if pending:
                 metrics.update(run_eval(step))
-                (stopping,) = global_max([stop["signal"] is not None])  # one asked for during it
-                if stopping:
-                    stop["signal"] = stop["signal"] or "another process's"
+                if asked_to_stop():  # during it
                     raise Interrupted(f"stopped after evaluating update {step}; rerun the same command to resume")
             while step < t.updates:
                 batch = load_batch(step)
@@ -901,10 +913,8 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                 real_tokens = int(to_host(jnp.sum(rows["attention_mask"])))
                 metrics = {k: float(v) for k, v in to_host({**rollout_metrics, **update_metrics}).items()}
                 metrics.update(time_update_s=now - update_started, tokens_per_s=real_tokens / (now - started),
-                               micro_batch_rows=micro_rows,
-                               # the schedule's rate at this update: it does not advance over skipped ones
-                               lr=learning_rate(exp.optim, t.updates,
-                                                applied_updates(opt_state) - 1 + int(metrics["skipped"])))
+                               micro_batch_rows=micro_rows, lr=learning_rate(exp.optim, t.updates, applied))
+                applied += not metrics["skipped"]
                 if metrics["skipped"] and primary:
                     tqdm.write(f"update {step}: non-finite loss or gradient; update skipped (params unchanged)")
                 step += 1
@@ -918,10 +928,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                 if step % t.save_every == 0 or eval_due(step):
                     save(step)
                 # Every process stops after the same update, whichever was signalled.
-                (stopping,) = global_max([stop["signal"] is not None])
-                if stopping and stop["signal"] is None:
-                    stop["signal"] = "another process's"
-                if stopping or (stop_after is not None and done_here >= stop_after):
+                if asked_to_stop() or (stop_after is not None and done_here >= stop_after):
                     raise Interrupted(f"stopped after update {step}; rerun the same command to resume")
                 if eval_due(step):
                     metrics.update(run_eval(step))

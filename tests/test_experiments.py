@@ -266,7 +266,6 @@ def test_train_and_eval_command_lines(stand_ins, test_data, tmp_path):
     assert_exported_logits(step.config, step.params, exported)
 
 
-
 def test_ctrl_c_saves_after_the_current_update(stand_ins, test_data, tmp_path):
     """A first Ctrl-C (SIGINT; SIGTERM takes the same path) lets the running update finish, saves
     it, and exits 130; rerunning resumes from it."""

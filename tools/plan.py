@@ -137,10 +137,11 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
     from latro_jax.model import abstract_params, graphdef
     from latro_jax.sampling import SamplingConfig, bucket, sample_padded
     from latro_jax.sharding import (
-        MeshSpec, batch_shardings, cache_shardings, make_mesh, opt_state_shardings, param_shardings,
+        MeshSpec, batch_shardings, batch_shards, cache_shardings, make_mesh, opt_state_shardings, param_shardings,
     )
     from latro_jax.train import (
-        ANSWER_BUCKETS, Questions, latro_rows_loss, make_optimizer, micro_batch_rows, score_rows, update_jit,
+        ANSWER_BUCKETS, Questions, latro_rows_loss, make_optimizer, micro_batch_rows, reference_dtype, score_rows,
+        update_jit,
     )
 
     num_devices = math.prod(mesh_shape)
@@ -175,8 +176,7 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
         policy = placed(policy, param_shardings(mesh, policy))
         trained = policy
         reference = jax.tree.map(  # train.reference_params: pi_0 is a copy in the compute dtype
-            lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(train_config.dtype), sharding=a.sharding)
-            if jnp.issubdtype(a.dtype, jnp.floating) else a, policy)
+            lambda a: jax.ShapeDtypeStruct(a.shape, reference_dtype(train_config, a.dtype), sharding=a.sharding), policy)
         sampled = policy
     else:
         from latro_jax.lora import LoraConfig, LoraRowsLoss, abstract_adapters
@@ -287,7 +287,8 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
         "lora_rank": lora_rank,
         "shapes": {"questions": questions, "samples": k, "rows": n, "prompt_slots": prompt_len,
                    "generation_slots": steps, "answer_slots": answer_len, "row_length": length,
-                   "micro_batch": micro_rows, "micro_batch_per_shard": exp.train.micro_batch, "rollout_questions": chunk,
+                   "micro_batch": micro_rows, "micro_batch_per_shard": exp.train.micro_batch,
+                   "batch_shards": batch_shards(mesh), "rollout_questions": chunk,
                    "score_batch": min(exp.train.score_batch or chunk_rows, chunk_rows)},
         "state_bytes_per_device": state_bytes,
         "kv_cache_bytes_per_device": cache_bytes,
@@ -325,7 +326,7 @@ def print_plan(result: dict) -> None:
           f"(train.micro_batch={shapes['micro_batch_per_shard']} per batch shard)")
     print(f"sampled and scored {shapes['rollout_questions']} questions at a time, the reference forward over "
           f"{shapes['score_batch']} rows at a time")
-    shards = mesh["data"] * mesh["fsdp"]
+    shards = shapes["batch_shards"]
     if shapes["micro_batch"] % shards:
         print(f"note: the update's {shapes['micro_batch']} rows cannot be split over the {shards} batch shards "
               "(data x fsdp): each row is computed whole on several devices")

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from latro_jax.checkpoint import HF_DIR, atomic_directory, load_model, save_model
+from latro_jax.checkpoint import HF_DIR, atomic_directory, load_model, refuse_existing, save_model
 from latro_jax.config import ModelConfig, eos_for_hf
 from latro_jax.convert.weights import (
     WeightError,
@@ -120,8 +120,7 @@ def convert_hf(
 
     `param_dtype` defaults to the checkpoint's own dtype (config.json `dtype`/`torch_dtype`).
     """
-    if os.path.exists(output):  # before any download or read, not after
-        raise FileExistsError(f"{os.path.abspath(output)} already exists; choose another output path or remove it")
+    refuse_existing(output)  # before any download or read, not after
     directory = resolve_source(source)
     config_path = os.path.join(directory, "config.json")
     config = ModelConfig.from_hf(config_path)
