@@ -312,6 +312,10 @@ def test_load_tokenizer_from_checkpoint_dir(tmp_path, test_data):
         ("The answer is unclear; 4 + 4 = 8.", "4"),
         ("We have 3 apples. The answer is unknown.", "3"),  # no number after it: the last number
         ("Counts 7, 8 and 9", "9"),
+        ("She has 10 and gives 5 away: 10-5", "5"),  # a subtraction's minus is no sign
+        ("The answer is 10-5=5", "10"),
+        ("It fell to -5 and then to 2.5-3", "3"),
+        ("Then x = -12", "-12"),
         ("No numbers here.", None),
         ("", None),
     ],

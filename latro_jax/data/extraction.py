@@ -1,8 +1,9 @@
 """Answers out of generated text, correctness, and majority votes (maj@k).
 
 GSM8K: the first number after the last "the answer is" (case-insensitive), otherwise the last
-number in the text; commas between digit groups removed; numbers compared by value, so "7.0",
-"7" and "$7" agree. Answers are canonical decimal strings ("1000", "-3", "0.5").
+number in the text; commas between digit groups removed; a minus sign right after a digit is a
+subtraction, not the next number's sign ("10-5" holds 10 and 5); numbers compared by value, so
+"7.0", "7" and "$7" agree. Answers are canonical decimal strings ("1000", "-3", "0.5").
 
 ARC: the lower-cased text after the last "the answer is"; correct if the lower-cased gold option
 text is in it. Without "the answer is" nothing is extracted and the answer is wrong. For majority
@@ -18,8 +19,10 @@ from collections.abc import Hashable, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import TypeVar
 
-# A number: digits with optional thousands commas and decimals, or a bare decimal (".5").
-NUMBER = re.compile(r"-?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
+# A number: digits with optional thousands commas and decimals, or a bare decimal (".5"). A minus
+# sign is its own only where no digit or decimal point comes just before it: "10-5" is 10 and 5
+# (a subtraction), not 10 and -5; "x = -5" is -5.
+NUMBER = re.compile(r"(?:(?<![\d.])-)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
 ANSWER_IS = re.compile(r"the answer is", re.IGNORECASE)
 
 Answer = TypeVar("Answer", bound=Hashable)
