@@ -88,6 +88,9 @@ class BenchConfig:
     repeats: int
     matmul_size: int  # side of the square matmul that measures the FLOP rate
     copy_bytes: int  # size of the copy that measures memory bandwidth
+    # Products timed per call, one after another in one program: a GPU does an 8192^2 bf16
+    # product in ~1.4 ms, near the host's dispatch and wait; a CPU takes ~100 ms for one.
+    matmul_chain: int = 1
 
 
 CONFIGS = {
@@ -153,6 +156,7 @@ CONFIGS = {
         repeats=3,
         matmul_size=8192,
         copy_bytes=1 << 32,
+        matmul_chain=16,
     ),
 }
 # The llama8b code path (bfloat16, grouped KV heads, recomputation in the backward pass) at a
@@ -162,7 +166,7 @@ CONFIGS["llama8b-tiny"] = dataclasses.replace(
     llama={**CONFIGS["llama8b"].llama, "vocab_size": 4096, "hidden_size": 128, "intermediate_size": 448,
            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32},
     batch=4, prompt_len=16, new_tokens=8, score_batch=4, train_batch=4, train_len=64, micro_batch=2, repeats=1,
-    matmul_size=512, copy_bytes=1 << 24,
+    matmul_size=512, copy_bytes=1 << 24, matmul_chain=2,
 )
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -183,17 +187,22 @@ def median_seconds(*runs: Callable[[], object], repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def matmul_rate(size: int, dtype: str) -> float:
-    """Measured FLOP/s of a [size, size] @ [size, size] matmul in `dtype`."""
-    a, b = (jax.random.normal(jax.random.key(i), (size, size), dtype) for i in range(2))
-    matmul = jax.jit(jnp.matmul)
+def matmul_rate(size: int, dtype: str, chain: int = 1) -> float:
+    """Measured FLOP/s of [size, size] @ [size, size] matmuls in `dtype`: `chain` of them per
+    timed call, each multiplying the last one's product (by a random matrix scaled by
+    1/sqrt(size), so values stay near 1 and are never zeros or infinities)."""
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+    b = (jax.random.normal(jax.random.key(1), (size, size), jnp.float32) / size**0.5).astype(dtype)
+    matmuls = jax.jit(lambda a, b: jax.lax.fori_loop(0, chain, lambda _, x: x @ b, a))
 
     def run():
-        return matmul(a, b).block_until_ready()
+        return matmuls(a, b).block_until_ready()
 
-    run()
+    result = run()
+    if not bool(jnp.all(jnp.isfinite(result))):
+        raise RuntimeError("the matmul rate's products overflowed")
     [seconds] = median_seconds(run, repeats=5)
-    return 2 * size**3 / seconds
+    return 2 * size**3 * chain / seconds
 
 
 def copy_bandwidth(num_bytes: int) -> float:
@@ -583,10 +592,11 @@ def run_parts(bench: BenchConfig, parts: list[str], greedy: bool, directory: str
     vocab_size = model.config.vocab_size
 
     def measure_rates() -> None:
-        flop_rate = matmul_rate(bench.matmul_size, bench.dtype)
+        flop_rate = matmul_rate(bench.matmul_size, bench.dtype, bench.matmul_chain)
         bandwidth = copy_bandwidth(bench.copy_bytes)
         results["measured"] = {"matmul_flops_per_s": flop_rate, "copy_bytes_per_s": bandwidth}
-        lines.append(f"measured: {flop_rate / 1e9:.1f} GFLOP/s {bench.dtype} matmul ({bench.matmul_size}^2), "
+        lines.append(f"measured: {flop_rate / 1e9:.1f} GFLOP/s {bench.dtype} matmul ({bench.matmul_size}^2, "
+                     f"{bench.matmul_chain} per call), "
                      f"{bandwidth / 1e9:.1f} GB/s copy ({bench.copy_bytes >> 20} MiB)")
 
     if "sampler" in parts or "scorer" in parts:
