@@ -187,7 +187,7 @@ def median_seconds(*runs: Callable[[], object], repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def matmul_rate(size: int, dtype: str, chain: int = 1) -> float:
+def matmul_rate(size: int, dtype: str, chain: int) -> float:
     """Measured FLOP/s of [size, size] @ [size, size] matmuls in `dtype`: `chain` of them per
     timed call, each multiplying the last one's product (by a random matrix scaled by
     1/sqrt(size), so values stay near 1 and are never zeros or infinities)."""

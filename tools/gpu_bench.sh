@@ -5,8 +5,8 @@
 # on an API or environment problem before any 8B weights are built); 3. the goal's shape, the
 # whole Llama-3.1-8B train step (16 x 512 tokens); 4. while time is left, 16 of its 32 layers
 # with both sides recomputing each layer, then with neither side forced to recompute.
-# Each run's log, and the 8B runs' JSON, land in OUTDIR (8 files at most). SECONDS (default 580) is the whole script's budget:
-# no run starts that could not finish inside it.
+# Each run's log, and the 8B runs' JSON, land in OUTDIR (8 files at most). SECONDS (default 580)
+# is the whole script's budget: no run starts that could not finish inside it.
 set -u -o pipefail
 out=${1:?usage: bash tools/gpu_bench.sh OUTDIR [SECONDS]}
 budget=${2:-580}
@@ -21,8 +21,9 @@ import jax, flax, optax, orbax.checkpoint as ocp, chex, transformers, torch
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', ocp.__version__,
       'chex', chex.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)
 print(jax.devices(), torch.cuda.is_available())
+print(jax.devices()[0].platform)
 " 2>&1 | tee "$out/versions.txt" || exit 1
-gpu=$("$python" -c "import jax; print(jax.devices()[0].platform)" 2>/dev/null)
+gpu=$(tail -n 1 "$out/versions.txt")  # the platform JAX runs on, the check's last line
 
 # run NAME NEEDED_SECONDS ARGS...: one bench run, skipped when fewer than NEEDED seconds are left.
 run() {

@@ -1,9 +1,9 @@
 """Answers out of generated text, correctness, and majority votes (maj@k).
 
 GSM8K: the first number after the last "the answer is" (case-insensitive), otherwise the last
-number in the text; commas between digit groups removed; a minus sign right after a digit is a
-subtraction, not the next number's sign ("10-5" holds 10 and 5); numbers compared by value, so
-"7.0", "7" and "$7" agree. Answers are canonical decimal strings ("1000", "-3", "0.5").
+number in the text; commas between digit groups removed; a minus sign right after a digit or
+"." is a subtraction, not the next number's sign ("10-5" holds 10 and 5); numbers compared by
+value, so "7.0", "7" and "$7" agree. Answers are canonical decimal strings ("1000", "-3", "0.5").
 
 ARC: the lower-cased text after the last "the answer is"; correct if the lower-cased gold option
 text is in it. Without "the answer is" nothing is extracted and the answer is wrong. For majority
