@@ -62,17 +62,17 @@ def stand_ins(test_data, tmp_path_factory):
     return get
 
 
-def tiny(name, checkpoint, output_dir, test_data):
+def tiny(name, checkpoint, output_dir, test_data, overrides=("objective.sft_coef=1.0",)):
+    """`name` at a tiny size. By default with the paper's SFT term (Eq. 4): a random model finishes
+    no 8-token rationale, so every row gets the same non-stop penalty and the advantages vanish;
+    the SFT term keeps a gradient flowing. `overrides=()` keeps the recipe's objective."""
     task_dir = "gsm8k" if name.startswith("gsm8k") else "arc_challenge"
     source = os.path.dirname(require(os.path.join(test_data, task_dir, "train.jsonl")))
     return load_experiment(name, [
         f"model.checkpoint={checkpoint}", "model.hf=", "model.dtype=float32", f"data.source={source}",
         "data.eval_size=2", "rollout.num_samples=2", "rollout.max_new_tokens=8", "train.questions_per_update=2",
         "train.micro_batch=2", "train.updates=4", "train.eval_every=4", "train.save_every=2", "train.maj_k=2",
-        f"train.output_dir={output_dir}",
-        # A random model finishes no 8-token rationale: every row gets the same non-stop penalty
-        # and the advantages vanish. The paper's SFT term (Eq. 4) keeps a gradient flowing.
-        "objective.sft_coef=1.0", "optim.learning_rate=1e-3",
+        f"train.output_dir={output_dir}", "optim.learning_rate=1e-3", *overrides,
     ])
 
 
@@ -133,6 +133,89 @@ def test_a_stop_saves_before_the_evaluation_and_the_resume_does_it(stand_ins, te
     assert "eval/greedy_accuracy" in lines[2]
     samples = open(os.path.join(run_dir, "samples.txt")).read()
     assert "==== update 3" not in samples and samples.count("==== update 2") == 1
+
+
+def plant_stop(model, stop_id: int, logit: float) -> None:
+    """Make a random transformers model end a rationale now and then, as a real one does: every
+    token's embedding gets a large constant first component, which dominates the final norm's
+    output, and only `stop_id`'s LM-head row reads it, so the stop token's logit is about
+    `logit` at every step, against logits near 0 for the rest of the vocabulary."""
+    import torch
+
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[stop_id, 0] = logit / 4.0  # the normed component is ~sqrt(hidden) = 4
+
+
+# (experiment, the recipe's beta and non-stop coefficient as LATRO.md gives them, the planted stop's logit:
+# about 1 chance in 10 a step over the vocabulary of Llama 3 (128,256) and Phi-3.5 (32,064))
+RECIPE_OBJECTIVES = [("gsm8k_llama", 0.05, 2.0, 9.5), ("arc_phi", 0.25, 2.0, 8.5)]
+
+
+@pytest.mark.parametrize("name, beta, nonstop_coef, logit", RECIPE_OBJECTIVES)
+def test_recipe_objective_on_rows_that_finish(name, beta, nonstop_coef, logit, test_data, tmp_path, monkeypatch):
+    """An experiment with its own objective (sft_coef 0, the task's beta, the non-stop penalty) on
+    a stand-in that ends some rationales with its end-of-turn token: each update's rewards and
+    advantages, taken from the run, equal LATRO.md's formulas computed here from full forwards
+    over the packed rows with the policy and pi_0 the run sampled with (1e-4: float32 sums of
+    a few log-probs in another order):
+        R = log pi(y|x+z), or nonstop_coef * mean(R) for a row that did not finish,
+        r = R - beta (log pi(z|x) - log pi_0(z|x)),  A_k = r_k - mean_{j != k} r_j.
+    Some rows finish and some do not, and the policy has moved from pi_0 by the second update,
+    so that each part of r counts."""
+    import jax.numpy as jnp
+
+    import latro_jax.train
+    from latro_jax.scoring import masked_sum, token_logprobs
+
+    family, tokenizer_name = STAND_INS[name.split("_")[1]]
+    _, tokenizer, fmt = built(test_data, tokenizer_name)
+    hf = make_hf_model(family, vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=8, max_position_embeddings=8192,
+                       **({"original_max_position_embeddings": 4096,
+                           "rope_parameters": dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 4,
+                                                   long_factor=[2.0] * 4, original_max_position_embeddings=4096)}
+                          if family == "phi3" else {}))
+    plant_stop(hf, tokenizer.convert_tokens_to_ids(fmt.end_token), logit)
+    hf.save_pretrained(tmp_path / "hf")
+    convert_hf(str(tmp_path / "hf"), tmp_path / "ckpt")
+    exp = tiny(name, tmp_path / "ckpt", tmp_path / "run", test_data,
+               overrides=("rollout.num_samples=4", "train.updates=2", "train.eval_every=2"))
+    assert (exp.objective.beta, exp.objective.sft_coef, exp.objective.nonstop_coef) == (beta, 0.0, nonstop_coef)
+    assert not exp.objective.reference_compat and exp.objective.nonstop_group == 0
+
+    seen = []
+    original = latro_jax.train.rollout
+
+    def recording(config, objective, sampling, params, ref_params, *args, **kwargs):
+        copies = jax.tree.map(jnp.copy, (params, ref_params))  # before the update donates them
+        scored, out = original(config, objective, sampling, params, ref_params, *args, **kwargs)
+        seen.append((config, *copies, scored, out))
+        return scored, out
+
+    monkeypatch.setattr(latro_jax.train, "rollout", recording)
+    run(exp, tokenizer=tokenizer, progress=False)
+    assert len(seen) == 2
+    k = exp.rollout.num_samples
+    finished_rows = []
+    for config, params, ref, scored, out in seen:
+        def sums(p, mask):
+            return np.asarray(masked_sum(token_logprobs(config, p, scored.tokens, scored.attention_mask), mask),
+                              np.float64)
+
+        answer, policy = sums(params, scored.answer_mask), sums(params, scored.rationale_mask)
+        kl = policy - sums(ref, scored.rationale_mask)
+        finished = np.asarray(out.finished)
+        reward = np.where(finished, answer, nonstop_coef * answer.mean()) - beta * kl
+        groups = reward.reshape(-1, k)
+        advantages = (groups - (groups.sum(1, keepdims=True) - groups) / (k - 1)).reshape(-1)
+        np.testing.assert_allclose(np.asarray(scored.rewards), reward, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(scored.advantages), advantages, atol=1e-4)
+        finished_rows.append(finished)
+    finished = np.concatenate(finished_rows)
+    assert 0 < finished.sum() < finished.size, finished
+    assert np.abs(kl).max() > 1e-2  # at the second update: the policy has moved from pi_0
 
 
 def run_start_params(checkpoint):

@@ -5,9 +5,12 @@ summation order); 1e-6 on params after micro-batched vs whole-batch accumulation
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import latro_jax.model
@@ -44,14 +47,10 @@ def scored():
     return params, ref, result, out
 
 
-@pytest.mark.parametrize("reference_compat", [False, True])
-def test_cached_answer_reward_equals_full_rescoring(scored, reference_compat):
-    """R from the sampler's cache continuation (and, for reference_compat, the released code's
-    extra token: the last one before the answer) equals the same quantities scored over the
-    packed sequence from scratch; compared through the advantages they produce."""
-    params, ref, _, _ = scored
-    objective = ObjectiveConfig(beta=0.05, reference_compat=reference_compat)
-    result, out = rollout(CONFIG, objective, SAMPLING, params, ref, questions(PROMPTS, ANSWERS, SAMPLING), jax.random.key(0))
+def rescored(objective, params, ref, result, out):
+    """(advantages, rewards) of a rollout's packed rows computed again from scratch: every score
+    from full forwards over the packed sequences (not the sampler's log-probs or its cache), the
+    advantages over all rows at once."""
     logprobs = token_logprobs(CONFIG, params, result.tokens, result.attention_mask)
     answer_sums = masked_sum(logprobs, result.answer_mask)
     context = np.asarray(result.attention_mask & ~result.answer_mask)
@@ -59,8 +58,30 @@ def test_cached_answer_reward_equals_full_rescoring(scored, reference_compat):
     last_context_logprob = np.asarray(logprobs)[np.arange(len(last_context)), last_context]
     policy = masked_sum(logprobs, result.rationale_mask)
     ref_sums = masked_sum(token_logprobs(CONFIG, ref, result.tokens, result.attention_mask), result.rationale_mask)
-    expected, _, _ = rollout_advantages(objective, SAMPLING.num_samples, policy, ref_sums, answer_sums, out.finished,
-                                     jnp.asarray(last_context_logprob))
+    advantages, rewards, _ = rollout_advantages(objective, SAMPLING.num_samples, policy, ref_sums, answer_sums,
+                                                out.finished, jnp.asarray(last_context_logprob))
+    return advantages, rewards, policy
+
+
+def assert_finished_and_not(out):
+    """Some rows stopped and some did not: the answer reward of a finished row enters r as it
+    is, an unfinished row's is the non-stop penalty (whose mean spans every row's)."""
+    finished = np.asarray(out.finished)
+    assert 0 < finished.sum() < finished.size, finished
+
+
+@pytest.mark.parametrize("reference_compat", [False, True])
+def test_cached_answer_reward_equals_full_rescoring(scored, reference_compat):
+    """R from the sampler's cache continuation (and, for reference_compat, the released code's
+    extra token: the last one before the answer) equals the same quantities scored over the
+    packed sequence from scratch; compared through the rewards r of each row (finished rows: R
+    itself; unfinished: the non-stop penalty of the mean R) and the advantages they produce."""
+    params, ref, _, _ = scored
+    objective = ObjectiveConfig(beta=0.05, reference_compat=reference_compat)
+    result, out = rollout(CONFIG, objective, SAMPLING, params, ref, questions(PROMPTS, ANSWERS, SAMPLING), jax.random.key(0))
+    assert_finished_and_not(out)
+    expected, rewards, policy = rescored(objective, params, ref, result, out)
+    np.testing.assert_allclose(np.asarray(result.rewards), np.asarray(rewards), atol=1e-4)
     np.testing.assert_allclose(np.asarray(result.advantages), np.asarray(expected), atol=1e-4)
     # The sampler's own log-probs are the policy's (on-policy).
     np.testing.assert_allclose(np.asarray(out.logprobs.sum(1)), np.asarray(policy), atol=1e-4)
@@ -99,6 +120,59 @@ def test_micro_batches_give_the_whole_batch_gradient(scored):
     assert int(results[0][1]["skipped"]) == 0
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), results[0][0], params)
     assert max(jax.tree.leaves(moved)) > 0
+
+
+def gradient_recorder() -> optax.GradientTransformation:
+    """An optax transformation that applies nothing and keeps in its state the gradient it was
+    given: what `update` accumulated, read back from the returned optimizer state."""
+    return optax.GradientTransformation(
+        lambda params: jax.tree.map(jnp.zeros_like, params),
+        lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads),
+    )
+
+
+def whole_batch_loss(objective, rows, prompt_slots, params):
+    """The LaTRO loss of all rows written out from the model's logits (LATRO.md, "Gradient"):
+    mean over rows of -A * log pi(z|x) + sft_coef * mean over rows of -log pi(y|x+z), the sums
+    over each row's tokens of log_softmax of the logits that predict them."""
+    mask = rows["attention_mask"]
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    logits, _ = latro_jax.model.forward(CONFIG, params, rows["tokens"], positions, mask)
+    predicted = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), rows["tokens"][:, 1:, None], axis=-1)[..., 0]
+    rationale = jnp.sum(jnp.where(rows["rationale_mask"][:, 1:], predicted, 0.0), axis=1)
+    answer = jnp.sum(jnp.where(rows["answer_mask"][:, 1:], predicted, 0.0), axis=1)
+    assert prompt_slots > 0 and not np.asarray(rows["rationale_mask"][:, :prompt_slots]).any()
+    return jnp.mean(-rows["advantages"] * rationale) + objective.sft_coef * jnp.mean(-answer)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_update_accumulates_the_whole_batch_gradient(scored, clip):
+    """The gradient `update` hands the optimizer is jax.grad of the whole batch's loss written
+    out independently (`whole_batch_loss`), whatever the micro-batch (1 row, 2 rows, all 8): the
+    micro-batches' gradients add up (averaging them would divide it by the number of
+    micro-batches). With clip_norm at half its norm, the optimizer gets it scaled to that norm
+    (so the gradient's size, not only its direction, decides the step). grad_norm is the norm
+    before clipping. 1e-5 relative, 1e-6 absolute (entries reach 0.2): float32 sums in another order."""
+    params, _, result, out = scored
+    objective = ObjectiveConfig(beta=0.05, sft_coef=0.3)  # both terms of the loss
+    rows = rows_of(result)
+    expected = jax.grad(functools.partial(whole_batch_loss, objective, rows, int(out.prompt_slots)))(params)
+    norm = float(optax.global_norm(expected))
+    assert norm > 1e-3
+    clip_norm = norm / 2
+    if clip:
+        expected = jax.tree.map(lambda g: g * clip_norm / norm, expected)
+    for micro_batch in (1, 2, 8):
+        optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), gradient_recorder()) if clip else gradient_recorder()
+        p = jax.tree.map(jnp.copy, params)
+        new, state, metrics = update(CONFIG, objective, optimizer, micro_batch, latro_rows_loss, int(out.prompt_slots),
+                                     p, optimizer.init(p), rows)
+        recorded = state[-1] if clip else state
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), recorded, expected)
+        np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["loss"]), float(whole_batch_loss(objective, rows, int(out.prompt_slots),
+                                                                                  params)), rtol=1e-5)
+        jax.tree.map(np.testing.assert_array_equal, new, params)  # the recorder applies nothing
 
 
 def test_remat_gives_the_same_update(scored):
@@ -179,6 +253,24 @@ def test_rollout_in_chunks_of_questions_equals_the_whole(scored):
     np.testing.assert_allclose(np.asarray(chunked.rewards), np.asarray(whole.rewards), atol=1e-5)
     np.testing.assert_allclose(np.asarray(chunked.advantages), np.asarray(whole.advantages), atol=1e-5)
     assert chunked_out.cache is None
+
+
+def test_rollout_in_chunks_takes_advantages_over_the_whole_batch(scored):
+    """Sampled (T=1) rows of two chunks of one question each, some finished and some not: the
+    rewards and advantages of the chunked rollout are those computed from scratch over all its
+    rows at once (the non-stop penalty's mean spans both chunks), and they are not zero (the K
+    rows of a question differ). 1e-4 as test_cached_answer_reward_equals_full_rescoring."""
+    params, ref, _, _ = scored
+    objective = ObjectiveConfig(beta=0.05, nonstop_coef=2.0)
+    chunked, out = rollout(CONFIG, objective, SAMPLING, params, ref, questions(PROMPTS, ANSWERS, SAMPLING),
+                           jax.random.key(0), rollout_batch=1)
+    assert_finished_and_not(out)
+    finished = np.asarray(out.finished).reshape(len(PROMPTS), -1)
+    assert finished.any(axis=1).all() and not finished.all(axis=1).any()  # a mix in each chunk
+    advantages, rewards, _ = rescored(objective, params, ref, chunked, out)
+    np.testing.assert_allclose(np.asarray(chunked.rewards), np.asarray(rewards), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(chunked.advantages), np.asarray(advantages), atol=1e-4)
+    assert np.abs(np.asarray(advantages)).max() > 1.0  # finished rows stand apart from the rest
 
 
 def test_micro_batches_are_strided_and_invertible():

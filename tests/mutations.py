@@ -1,0 +1,134 @@
+"""Mutation check of the test suite: each one-line bug below must make the tests named beside it
+fail. Each runs in a private copy of the working tree (never this checkout), so it is safe
+beside other work:
+
+    .venv/bin/python tests/mutations.py                 # every mutation (~15 minutes here)
+    .venv/bin/python tests/mutations.py --list
+    .venv/bin/python tests/mutations.py batch_indices_repeat best_keeps_last
+
+A mutation whose tests still pass is reported as SURVIVED, and the exit status is 1. Not part of
+`make test`: it reruns parts of the suite once per mutation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import NamedTuple
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+DATA = os.path.abspath(os.environ.get("LATRO_TEST_DATA", os.path.join(REPO, "..", "shared", "data")))
+
+
+class Mutation(NamedTuple):
+    name: str
+    path: str  # relative to the repository
+    old: str  # occurs exactly once in `path`
+    new: str
+    tests: tuple[str, ...]  # pytest node ids that must fail
+
+
+MUTATIONS = (
+    Mutation(
+        "micro_batch_gradients_averaged", "latro_jax/train.py",
+        "    grad_norm = optax.global_norm(grads)",
+        "    grads = jax.tree.map(lambda g: g / jax.tree.leaves(micro)[0].shape[0], grads); "
+        "grad_norm = optax.global_norm(grads)",
+        ("tests/test_train.py::test_update_accumulates_the_whole_batch_gradient",),
+    ),
+    Mutation(
+        "micro_batch_loss_mean_per_micro_batch", "latro_jax/train.py",
+        "    loss_fn = functools.partial(rows_loss, config, objective, n, score_from)",
+        "    loss_fn = functools.partial(rows_loss, config, objective, micro_batch, score_from)",
+        ("tests/test_train.py::test_update_accumulates_the_whole_batch_gradient",),
+    ),
+    Mutation(
+        "nonstop_mean_per_chunk", "latro_jax/train.py",
+        "    scored = advantages_of(objective, k, *concat(*parts))",
+        "    scored = advantages_of(dataclasses.replace(objective, nonstop_group=chunk), k, *concat(*parts))",
+        ("tests/test_train.py::test_rollout_in_chunks_takes_advantages_over_the_whole_batch",),
+    ),
+    Mutation(
+        "answer_reward_without_first_answer_token", "latro_jax/train.py",
+        "        answer=masked_sum(cont_logprobs[:, 1:], cont_mask[:, 2:]), last_context=cont_logprobs[:, 0],",
+        "        answer=masked_sum(cont_logprobs[:, 2:], cont_mask[:, 3:]), last_context=cont_logprobs[:, 0],",
+        ("tests/test_train.py::test_cached_answer_reward_equals_full_rescoring",),
+    ),
+    Mutation(
+        "finished_rows_scored_as_unfinished", "latro_jax/train.py",
+        "        objective, k, scores.policy, scores.reference, scores.answer, scores.finished, scores.last_context",
+        "        objective, k, scores.policy, scores.reference, scores.answer, scores.finished & False, "
+        "scores.last_context",
+        ("tests/test_experiments.py::test_recipe_objective_on_rows_that_finish",),
+    ),
+)
+
+
+def copy_tree(destination: str) -> None:
+    """The checkout's tracked and untracked-but-not-ignored files (no .venv, no runs/)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        source = os.path.join(REPO, name)
+        if os.path.isfile(source):
+            os.makedirs(os.path.dirname(os.path.join(destination, name)), exist_ok=True)
+            shutil.copy2(source, os.path.join(destination, name))
+
+
+def apply(root: str, mutation: Mutation) -> None:
+    path = os.path.join(root, mutation.path)
+    with open(path) as f:
+        text = f.read()
+    if text.count(mutation.old) != 1:
+        raise SystemExit(f"{mutation.name}: the text to mutate occurs {text.count(mutation.old)} times in "
+                         f"{mutation.path} (expected once): update tests/mutations.py")
+    with open(path, "w") as f:
+        f.write(text.replace(mutation.old, mutation.new))
+
+
+def run_tests(root: str, tests: tuple[str, ...]) -> tuple[bool, str]:
+    env = {**os.environ, "LATRO_TEST_DATA": DATA, "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=root,
+                          env=env, capture_output=True, text=True)
+    summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
+    return done.returncode == 0, summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    args = parser.parse_args()
+    known = {m.name: m for m in MUTATIONS}
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name}: {m.path}  ->  {' '.join(m.tests)}")
+        return 0
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        print(f"unknown mutation(s): {', '.join(unknown)}; see --list", file=sys.stderr)
+        return 2
+    survived = []
+    for mutation in [known[n] for n in args.names] or MUTATIONS:
+        with tempfile.TemporaryDirectory(prefix="latro-mutation-") as root:
+            copy_tree(root)
+            apply(root, mutation)
+            started = time.perf_counter()
+            passed, summary = run_tests(root, mutation.tests)
+        verdict = "SURVIVED" if passed else "killed"
+        print(f"{verdict:8s} {mutation.name} ({time.perf_counter() - started:.0f} s): {summary}", flush=True)
+        if passed:
+            survived.append(mutation.name)
+    if survived:
+        print(f"{len(survived)} mutation(s) survived: {', '.join(survived)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
