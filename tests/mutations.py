@@ -66,6 +66,25 @@ MUTATIONS = (
         "scores.last_context",
         ("tests/test_experiments.py::test_recipe_objective_on_rows_that_finish",),
     ),
+    Mutation(
+        "stop_first_listed_not_longest", "latro_jax/sampling.py",
+        "        cut_seq = s.step + 1 - jnp.max(jnp.where(seq_hit, seq_lengths, 0), axis=-1)",
+        "        cut_seq = s.step + 1 - seq_lengths[jnp.argmax(seq_hit, axis=-1)]",
+        ("tests/test_sampling.py::test_stop_rule_on_scripted_draws", "tests/test_data.py::test_stop_on_realistic_rationales"),
+    ),
+    Mutation(
+        "same_key_every_decode_step", "latro_jax/sampling.py",
+        "        rng, key = jax.random.split(s.rng)",
+        "        rng, key = s.rng, s.rng",
+        ("tests/test_sampling.py::test_three_token_draws_follow_the_model",),
+    ),
+    Mutation(
+        "shared_prefill_tiled_not_repeated", "latro_jax/sampling.py",
+        "    cache, logits = jax.tree.map(lambda a: jnp.repeat(a, k, axis=0) if a.ndim else a, (cache, logits))",
+        "    cache, logits = jax.tree.map(lambda a: jnp.tile(a, (k,) + (1,) * (a.ndim - 1)) if a.ndim else a, "
+        "(cache, logits))",
+        ("tests/test_sampling.py::test_three_token_draws_follow_the_model",),
+    ),
 )
 
 

@@ -35,13 +35,13 @@ from latro_jax.data.prompts import (
     STOP_STRINGS,
     encode_answers,
     encode_prompts,
-    find_stop,
     load_tokenizer,
     render_prompt,
 )
 from latro_jax.data.tasks import DataError, Example, load_task
 from latro_jax.evaluate import score
 from latro_jax.sampling import SamplingConfig
+from scripted import scripted_cuts, stops_of
 from shared_tokenizers import MODELS, build_mistral_v03, built
 
 NATALIA = (
@@ -239,46 +239,78 @@ def test_prompt_format_and_answer_suffix(model):
 RATIONALE = "Natalia sold 48/2 = 24 clips in May, so 3+4=7."
 
 
-@pytest.mark.parametrize("stop", STOP_STRINGS)
-def test_stop_sequences_cut_before_the_stop_string(model, stop):
-    """Each stop string, in running text after a rationale, is cut exactly where it starts (up
-    to the whitespace before it, which a tokenizer may fuse into the stop's first token)."""
+def sampler_cuts(model, scripts):
+    """Where the jitted sampler, with the model's real stops, cuts each scripted token list (None:
+    no stop); `scripted_cuts` checks each row's tokens, length, pad and log-probs on the way."""
     _, tokenizer, fmt = model
-    text = RATIONALE + (stop if stop[0].isspace() else " " + stop) + " 7."
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    cut = find_stop(ids, fmt.stop_token_ids, fmt.stop_sequences)
-    assert cut is not None
-    assert tokenizer.decode(ids[:cut]).rstrip() == RATIONALE
-    assert stop.strip().lower() in tokenizer.decode(ids[cut:]).lower()
+    return scripted_cuts(scripts, len(tokenizer), stops_of(fmt))
+
+
+def test_stop_sequences_cut_before_the_stop_string(model):
+    """Each stop string, in running text after a rationale, is cut exactly where it starts (up
+    to the whitespace before it, which a tokenizer may fuse into the token before the stop)."""
+    _, tokenizer, _ = model
+    texts = [RATIONALE + (stop if stop[0].isspace() else " " + stop) + " 7." for stop in STOP_STRINGS]
+    scripts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    for stop, ids, cut in zip(STOP_STRINGS, scripts, sampler_cuts(model, scripts)):
+        assert cut is not None, stop
+        assert tokenizer.decode(ids[:cut]).rstrip() == RATIONALE, stop
+        assert stop.strip().lower() in tokenizer.decode(ids[cut:]).lower(), stop
+
+
+def first_completed(ids, fmt):
+    """(end, sequences): the first token on which any stop sequence completes, and all that do,
+    in `fmt.stop_sequences` order."""
+    for end in range(len(ids)):
+        done = [s for s in fmt.stop_sequences if len(s) <= end + 1 and tuple(ids[end + 1 - len(s) : end + 1]) == s]
+        if done:
+            return end, done
+    return None, []
 
 
 def test_stop_on_realistic_rationales(model):
+    """Realistic endings through the sampler with the model's real stops. Two stop sequences that
+    complete on the same token ("\\nThe answer is" / "The answer is", "So, the answer is" or
+    "Therefore, the answer is" / " the answer is", "\\nAnswer:" / "Answer:") cut at the longest
+    one's start, which in each of those rows is not the start of the one listed first: taking the
+    first listed hit would keep a stray "\\n", "So," or "Therefore,"."""
     _, tokenizer, fmt = model
-
-    def kept(text):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        cut = find_stop(ids, fmt.stop_token_ids, fmt.stop_sequences)
-        return None if cut is None else tokenizer.decode(ids[:cut])
-
-    assert kept(RATIONALE + " The answer is 7.") == RATIONALE
-    assert kept(RATIONALE + "\nThe answer is 7.").rstrip() == RATIONALE
-    assert kept(RATIONALE + "\n\n**The answer is 7**").rstrip() == RATIONALE + "\n\n**"
-    assert kept("We add: 3+4=7. Therefore, the answer is 7.") == "We add: 3+4=7."
-    assert kept("Hence 3+4=7, so the final answer is 7.") == "Hence 3+4=7,"
-    assert kept(RATIONALE) is None
-    ids = tokenizer(RATIONALE, add_special_tokens=False)["input_ids"]
     end = tokenizer.convert_tokens_to_ids(fmt.end_token)
-    assert find_stop(ids + [end] + ids, fmt.stop_token_ids, fmt.stop_sequences) == len(ids)
 
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-def test_find_stop_semantics():
-    stops, seqs = (0,), ((5, 6), (4, 5, 6), (9,))
-    assert find_stop([1, 2, 4, 5, 6, 7], stops, seqs) == 2  # longest sequence completing on the same token
-    assert find_stop([1, 5, 6, 0], stops, seqs) == 1  # the first completed stop wins
-    assert find_stop([1, 0, 5, 6], stops, seqs) == 1
-    assert find_stop([9], stops, seqs) == 0
-    assert find_stop([1, 2, 3], stops, seqs) is None
-    assert find_stop([], stops, seqs) is None
+    same_token = {  # text -> what is kept
+        "Natalia sold 48 + 24 = 72 clips\nThe answer is 72.": "Natalia sold 48 + 24 = 72 clips",
+        "We add: 3+4=7. Therefore, the answer is 7.": "We add: 3+4=7.",
+        "She has 3 apples. So, the answer is 3.": "She has 3 apples.",
+        "Natalia sold 72 clips\nAnswer: 72": "Natalia sold 72 clips",
+    }
+    other = {
+        RATIONALE + " The answer is 7.": RATIONALE,
+        RATIONALE + "\n\n**The answer is 7**": RATIONALE + "\n\n**",
+        "Hence 3+4=7, so the final answer is 7.": "Hence 3+4=7,",  # five tokens, one stop
+        "Then 3+4=7\nThe answer is: 7": "Then 3+4=7",  # stops before the ":" variant completes
+    }
+    texts = list(same_token) + list(other)
+    scripts = [ids(t) for t in texts]
+    scripts += [
+        ids(RATIONALE) + [end] + ids(" The answer is 7."),  # a stop token before a stop sequence
+        ids(RATIONALE + " The answer is 7.") + [end],  # a stop sequence before a stop token
+        ids(RATIONALE),  # no stop: unfinished at max_new_tokens
+    ]
+    cuts = sampler_cuts(model, scripts)
+    for text, script, cut in zip(texts, scripts, cuts):
+        assert tokenizer.decode(script[:cut]) == (same_token | other)[text], text
+    for text, script, cut in zip(same_token, scripts, cuts):
+        last, done = first_completed(script, fmt)
+        longest = max(map(len, done))
+        assert len(done) >= 2 and len(done[0]) < longest, (text, done)  # the case this test is about
+        assert cut == last + 1 - longest
+    stop_first, stop_after, no_stop = cuts[len(texts) :]
+    assert stop_first == len(ids(RATIONALE))
+    assert tokenizer.decode(scripts[-2][:stop_after]) == RATIONALE
+    assert no_stop is None
 
 
 def test_load_tokenizer_from_checkpoint_dir(tmp_path, test_data):

@@ -8,6 +8,7 @@ p ~ 0 at this sample size)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -23,8 +24,9 @@ from hf_models import FAMILIES, convert, make_hf_model, within_original_context
 from latro_jax.convert.llama2c import load_llama2c
 from latro_jax.config import ModelConfig
 from latro_jax.evaluate import generate_texts
-from latro_jax.model import init_params
+from latro_jax.model import abstract_params, forward, init_params
 from latro_jax.sampling import SamplingConfig, categorical, sample, sample_padded
+from scripted import reference_cut, scripted_cuts
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [20]]
 
@@ -144,6 +146,65 @@ def test_shared_prefill_matches_repeated_prompts(llama):
     assert stats.chi2_contingency(np.stack([a[drawn], b[drawn]])).pvalue > 1e-3
 
 
+def teacher_forced_logprobs(config, params, prompts, continuations):
+    """Per-token log-probs [prompts, C, T] of each continuation [C, T] after each prompt, by one
+    forward pass over the whole sequences, right-padded (causal attention: the padding after a
+    sequence changes nothing before it): no cache, no left padding, no sampling loop."""
+    width = max(map(len, prompts)) + continuations.shape[1]
+    tokens = np.zeros((len(prompts), len(continuations), width), np.int32)
+    for i, prompt in enumerate(prompts):
+        tokens[i, :, : len(prompt)] = prompt
+        tokens[i, :, len(prompt) : len(prompt) + continuations.shape[1]] = continuations
+    tokens = tokens.reshape(-1, width)
+    positions = np.broadcast_to(np.arange(width), tokens.shape)
+    logits, _ = jax.jit(forward, static_argnums=0)(config, params, tokens, positions)
+    logprobs = np.asarray(jax.nn.log_softmax(logits, axis=-1)).reshape(len(prompts), len(continuations), width, -1)
+    return np.stack([
+        np.take_along_axis(logprobs[i, :, len(p) - 1 : len(p) - 1 + continuations.shape[1]],
+                           continuations[..., None], axis=-1)[..., 0]
+        for i, p in enumerate(prompts)
+    ])
+
+
+def peaked_params(config: ModelConfig, seed: int):
+    """init_params x 4 in distribution (weights N(0, 0.08^2), norm scales 4), so that logits are
+    far from uniform; drawn by numpy into abstract_params' layout, which saves the seconds
+    init_params spends compiling one random draw per weight shape."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        if "norm" in jax.tree_util.keystr(path):
+            return jnp.full(leaf.shape, 4.0, leaf.dtype)
+        return jnp.asarray(0.08 * rng.normal(size=leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract_params(config))
+
+
+def test_three_token_draws_follow_the_model():
+    """Three tokens a row, K = 20,000 rows for each of two prompts of different lengths: the
+    frequencies of the 6^3 = 216 joint continuations of each prompt follow the exact probabilities
+    (chi-square, p > 1e-3), enumerated from teacher-forced log-probs. Steps after the first use the
+    cache the K rows share by repeating their prompt's prefill, and a new key each step; rows given
+    another prompt's cache (tile for repeat: the two prompts' joints are 0.71 apart in total
+    variation) or a key reused across steps (dependent draws) are far outside the test.
+    The sampler's log-probs of the drawn tokens match the teacher-forced ones to 1e-5 (the cached
+    decode and the full forward differ by f32 rounding, ~1e-6)."""
+    vocab, k, new_tokens = 6, 20_000, 3
+    config = ModelConfig("llama", vocab, 16, 32, 2, 2, 1, 8)
+    params = peaked_params(config, 1)  # joint entropies 4.8 and 4.4 nats (uniform: log 216 = 5.4)
+    prompts = [[1, 4], [2, 0, 3, 5, 1]]
+    sampling = SamplingConfig(max_new_tokens=new_tokens, num_samples=k, prompt_buckets=(8,), length_buckets=(4,))
+    out = sample(config, params, prompts, jax.random.key(8), sampling)
+    tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
+    assert tokens.shape == (len(prompts) * k, new_tokens) and (np.asarray(out.lengths) == new_tokens).all()
+    continuations = np.array(list(itertools.product(range(vocab), repeat=new_tokens)))  # row index = base-6 digits
+    for i, exact in enumerate(teacher_forced_logprobs(config, params, prompts, continuations)):  # [216, 3] each
+        joint = np.exp(exact.astype(np.float64).sum(axis=1))
+        drawn = tokens[i * k : (i + 1) * k] @ vocab ** np.arange(new_tokens)[::-1]
+        assert chi_square_p(np.bincount(drawn, minlength=len(continuations)), joint / joint.sum()) > 1e-3, i
+        np.testing.assert_allclose(logprobs[i * k : (i + 1) * k], exact[drawn], rtol=0, atol=1e-5)
+
+
 def test_shared_prefill_does_one_kth_of_the_prefill_work():
     """Compiled FLOPs: 1 prompt x K=8 samples against 8 copies of the prompt, long prompts and one
     new token, so that prefill dominates. Shared prefill must cost close to 1/8."""
@@ -164,18 +225,6 @@ def test_shared_prefill_does_one_kth_of_the_prefill_work():
 # ---- stops, lengths, compilation -------------------------------------------------------------------
 
 
-def reference_cut(tokens: list[int], stop_ids, stop_seqs) -> tuple[int, bool]:
-    """Where a rationale ends: before the first stop token or the first token of the first stop
-    sequence to complete; (len, False) if none occurs."""
-    for t, token in enumerate(tokens):
-        if token in stop_ids:
-            return t, True
-        for seq in stop_seqs:
-            if t + 1 >= len(seq) and tuple(tokens[t + 1 - len(seq) : t + 1]) == tuple(seq):
-                return t + 1 - len(seq), True
-    return len(tokens), False
-
-
 def test_stop_tokens_and_sequences_cut_the_rationale(llama):
     _, config, params = llama
     free = sample(config, params, PROMPTS, jax.random.key(4), SamplingConfig(max_new_tokens=16, num_samples=3))
@@ -188,13 +237,30 @@ def test_stop_tokens_and_sequences_cut_the_rationale(llama):
     out = sample(config, params, PROMPTS, jax.random.key(4), sampling)  # same key: same draws
     tokens, lengths, finished = (np.asarray(a) for a in (out.tokens, out.lengths, out.finished))
     for i, row in enumerate(rows):
-        length, stopped = reference_cut(row, stop_ids, stop_seqs)
+        cut = reference_cut(row, stop_ids, stop_seqs)
+        length, stopped = (len(row), False) if cut is None else (cut, True)
         assert (lengths[i], finished[i]) == (length, stopped), i
         assert tokens[i, :length].tolist() == row[:length]
         assert (tokens[i, length:] == 0).all()
         logprobs = np.asarray(out.logprobs)[i]
         assert (logprobs[:length] < 0).all() and (logprobs[length:] == 0).all()
     assert finished.sum() >= 4  # the stops really fired
+
+
+def test_stop_rule_on_scripted_draws():
+    """The jitted sampler made to draw given token lists (tests/scripted.py), stops (0,) and
+    ((5, 6), (4, 5, 6), (9,)): each row is cut where the first stop to complete starts, the longest
+    sequence when several complete on the same token (not the first listed)."""
+    sampling = SamplingConfig(stop_token_ids=(0,), stop_sequences=((5, 6), (4, 5, 6), (9,)))
+    cases = {  # draws -> cut (None: no stop)
+        (1, 2, 4, 5, 6, 7): 2,  # (5, 6) and (4, 5, 6) complete on the same token: the longest
+        (1, 5, 6, 0): 1,  # a sequence, then a stop token: the first to complete
+        (1, 0, 5, 6): 1,  # a stop token, then a sequence
+        (4, 5, 0, 6): 2,  # a stop token inside what would have been a sequence
+        (9,): 0,  # a one-token sequence at the first draw
+        (1, 2, 3): None,
+    }
+    assert scripted_cuts(list(cases), 16, sampling) == list(cases.values())
 
 
 def test_loop_ends_when_every_row_has_stopped(llama):

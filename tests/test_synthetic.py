@@ -5,9 +5,10 @@ import re
 import pytest
 
 from latro_jax.data.extraction import extract_gsm8k
-from latro_jax.data.prompts import encode_answers, encode_prompts, find_stop, prompt_format
+from latro_jax.data.prompts import encode_answers, encode_prompts, prompt_format
 from latro_jax.data.synthetic import build_tokenizer, load_synthetic
 from latro_jax.data.tasks import load_task
+from scripted import scripted_cuts, stops_of
 
 STEP = re.compile(r"(\d+) ([+-]) (\d) = (-?\d+)\.")
 VERBS = {"buys": 1, "finds": 1, "gets": 1, "gives": -1, "loses": -1, "sells": -1}
@@ -81,6 +82,6 @@ def test_tokenizer_round_trips_and_formats_prompts(tmp_path):
     assert tokenizer.decode(answer) == "The answer is 44.<|end|>"
     # the sampler stops a rationale where "The answer is" begins
     ids = tokenizer("12 + 5 = 17. The answer is 17.", add_special_tokens=False)["input_ids"]
-    cut = find_stop(ids, fmt.stop_token_ids, fmt.stop_sequences)
+    (cut,) = scripted_cuts([ids], len(tokenizer), stops_of(fmt))
     assert tokenizer.decode(ids[:cut]) == "12 + 5 = 17."
     assert extract_gsm8k(tokenizer.decode(ids)) == "17"

@@ -149,23 +149,6 @@ def encode_answers(
     return encode_texts(tokenizer, [ANSWER_TEMPLATE.format(answer=a) + fmt.end_token for a in answers])
 
 
-def find_stop(
-    tokens: Sequence[int], stop_token_ids: Sequence[int], stop_sequences: Sequence[Sequence[int]]
-) -> int | None:
-    """Where the sampler cuts generated `tokens`: the index of the first stop token or of the
-    start of the first completed stop sequence (the longest, if several complete on the same
-    token), whichever completes first; None if no stop occurs. tokens[:cut] is the rationale."""
-    stop_ids = set(stop_token_ids)
-    sequences = [tuple(s) for s in stop_sequences if s]
-    for i, token in enumerate(tokens):
-        if token in stop_ids:
-            return i
-        done = [len(s) for s in sequences if len(s) <= i + 1 and tuple(tokens[i + 1 - len(s) : i + 1]) == s]
-        if done:
-            return i + 1 - max(done)
-    return None
-
-
 def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text, no special tokens added: one batched call (a fast tokenizer
     encodes the batch in Rust, several times faster than text by text)."""
