@@ -85,6 +85,42 @@ MUTATIONS = (
         "(cache, logits))",
         ("tests/test_sampling.py::test_three_token_draws_follow_the_model",),
     ),
+    Mutation(
+        "batch_indices_repeat_at_epoch_boundary", "latro_jax/train.py",
+        "        order = _epoch_order(num_examples, seed, epoch)",
+        "        order = _epoch_order(num_examples, seed, start // num_examples)",
+        ("tests/test_batches.py::test_each_epoch_draws_every_example_once",),
+    ),
+    Mutation(
+        "batch_indices_same_order_every_epoch", "latro_jax/train.py",
+        "        order = _epoch_order(num_examples, seed, epoch)",
+        "        order = _epoch_order(num_examples, seed, 0)",
+        ("tests/test_batches.py::test_each_epoch_draws_every_example_once",),
+    ),
+    Mutation(
+        "sft_mask_includes_prompt", "latro_jax/train.py",
+        "        completion_mask[i, len(p) : len(p) + len(c)] = True",
+        "        completion_mask[i, : len(p) + len(c)] = True",
+        ("tests/test_batches.py::test_sft_rows_fed_to_the_update",),
+    ),
+    Mutation(
+        "sft_rationale_without_end_token", "latro_jax/train.py",
+        "            rationales = iter(encode_texts(tokenizer, [e.rationale + fmt.end_token",
+        "            rationales = iter(encode_texts(tokenizer, [e.rationale",
+        ("tests/test_batches.py::test_sft_rows_fed_to_the_update",),
+    ),
+    Mutation(
+        "sft_target_ignored", "latro_jax/train.py",
+        '            gold = [sft and exp.data.sft_target != "answer" and e.rationale is not None for e in examples]',
+        "            gold = [sft and e.rationale is not None for e in examples]",
+        ("tests/test_batches.py::test_sft_rows_fed_to_the_update",),
+    ),
+    Mutation(
+        "lora_adapters_sharded_like_the_base", "latro_jax/train.py",
+        "        params = jax.jit(init, out_shardings=replicated)(",
+        '        params = jax.jit(init, out_shardings=NamedSharding(mesh, PartitionSpec("fsdp")))(',
+        ("tests/test_lora_mesh.py::test_lora_on_a_mesh_equals_one_device",),
+    ),
 )
 
 
