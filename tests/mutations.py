@@ -121,6 +121,60 @@ MUTATIONS = (
         '        params = jax.jit(init, out_shardings=NamedSharding(mesh, PartitionSpec("fsdp")))(',
         ("tests/test_lora_mesh.py::test_lora_on_a_mesh_equals_one_device",),
     ),
+    Mutation(
+        "best_keeps_the_lowest", "latro_jax/train.py",
+        'best_fn=lambda m: m["greedy_accuracy"], best_mode="max"',
+        'best_fn=lambda m: m["greedy_accuracy"], best_mode="min"',
+        ("tests/test_run_loop.py::test_best_keeps_the_most_accurate_step_and_checkpoints_the_last_few",),
+    ),
+    Mutation(
+        "best_keeps_the_last", "latro_jax/train.py",
+        'options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["greedy_accuracy"], best_mode="max"),',
+        "options=ocp.CheckpointManagerOptions(max_to_keep=1),",
+        ("tests/test_run_loop.py::test_best_keeps_the_most_accurate_step_and_checkpoints_the_last_few",),
+    ),
+    Mutation(
+        "keep_last_off_by_one", "latro_jax/train.py",
+        "options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_last)",
+        "options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_last + 1)",
+        ("tests/test_run_loop.py::test_best_keeps_the_most_accurate_step_and_checkpoints_the_last_few",),
+    ),
+    Mutation(
+        "lr_from_the_update_index", "latro_jax/train.py",
+        "lr=learning_rate(exp.optim, t.updates, applied))",
+        "lr=learning_rate(exp.optim, t.updates, step))",
+        ("tests/test_run_loop.py::test_a_skipped_update_leaves_params_and_the_schedule_where_they_were",),
+    ),
+    Mutation(
+        "lr_decay_off_by_one", "latro_jax/train.py",
+        "1 - (step - spec.warmup_steps) / (updates - spec.warmup_steps)",
+        "1 - (step + 1 - spec.warmup_steps) / (updates - spec.warmup_steps)",
+        ("tests/test_run_loop.py::test_logged_learning_rate_is_optax_schedule_without_warmup",),
+    ),
+    Mutation(
+        "skipped_update_counted", "latro_jax/train.py",
+        '                applied += not metrics["skipped"]',
+        "                applied += 1",
+        ("tests/test_run_loop.py::test_a_skipped_update_leaves_params_and_the_schedule_where_they_were",),
+    ),
+    Mutation(
+        "resume_from_step_zero", "latro_jax/train.py",
+        'restored.state["opt_state"], restored.meta["step"]',
+        'restored.state["opt_state"], 0',
+        ("tests/test_run_loop.py::test_sigterm_and_ctrl_c_save_exit_130_and_the_same_command_resumes",),
+    ),
+    Mutation(
+        "model_hf_converted_every_run", "latro_jax/train.py",
+        "        if not os.path.isdir(checkpoint) and create:",
+        "        if create:",
+        ("tests/test_run_loop.py::test_model_hf_is_converted_into_the_run_once",),
+    ),
+    Mutation(
+        "sigterm_not_handled", "latro_jax/train.py",
+        "for s in (signal.SIGTERM, signal.SIGINT)}",
+        "for s in (signal.SIGINT,)}",
+        ("tests/test_run_loop.py::test_sigterm_and_ctrl_c_save_exit_130_and_the_same_command_resumes",),
+    ),
 )
 
 

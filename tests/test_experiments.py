@@ -347,28 +347,3 @@ def test_train_and_eval_command_lines(stand_ins, test_data, tmp_path):
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(step.params),
                                                        jax.tree.leaves(run_start_params(checkpoint))))
     assert_exported_logits(step.config, step.params, exported)
-
-
-def test_ctrl_c_saves_after_the_current_update(stand_ins, test_data, tmp_path):
-    """A first Ctrl-C (SIGINT; SIGTERM takes the same path) lets the running update finish, saves
-    it, and exits 130; rerunning resumes from it."""
-    import signal
-    import time
-
-    checkpoint, tokenizer = stand_ins("llama")
-    tokenizer.save_pretrained(os.path.join(checkpoint, "hf"))
-    exp = tiny("gsm8k_llama", checkpoint, tmp_path, test_data)
-    command = [sys.executable, os.path.join(REPO, "tools", "train.py"), "gsm8k_llama",
-               *cli_overrides(checkpoint, exp.data.source, tmp_path, updates=1000), "train.save_every=1000"]
-    metrics = os.path.join(tmp_path, "gsm8k_llama", "metrics.jsonl")
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO})
-    deadline = time.time() + 300
-    while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
-        time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 130, stderr[-2000:]
-    logged = [json.loads(line)["step"] for line in open(metrics)]
-    saved = sorted(int(d) for d in os.listdir(os.path.join(tmp_path, "gsm8k_llama", "checkpoints")) if d.isdigit())
-    assert saved == [logged[-1]] and 1 <= saved[0] < 1000
-    assert "rerun the same command to resume" in stderr
