@@ -3,14 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-requirements
-export PYTHONPATH := $(CURDIR)
 
 .PHONY: setup test train eval convert export bench plan clean-venv
 
-$(STAMP): requirements.txt
+# The pinned requirements, then this project itself, editable (tools/ and experiments/ are read
+# from the checkout); `pip check` holds pyproject.toml's dependencies to the pins.
+$(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 setup: $(STAMP)

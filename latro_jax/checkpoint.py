@@ -47,8 +47,19 @@ def config_from_json(text: str) -> ModelConfig:
     return ModelConfig(rope=RopeConfig(**rope), **fields)
 
 
-_UMASK = os.umask(0o022)  # the process's umask, read once at import (reading it means setting it)
-os.umask(_UMASK)
+def current_umask() -> int:
+    """The process's umask. Linux shows it in /proc/self/status; elsewhere reading it means
+    setting it, and setting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def refuse_existing(path: str | os.PathLike) -> None:
@@ -69,7 +80,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     for stale in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(os.path.basename(path))}.partial-*")):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
-    os.chmod(tmp, 0o777 & ~_UMASK)  # as os.makedirs would make it (mkdtemp's is private: 0700)
+    os.chmod(tmp, 0o777 & ~current_umask())  # as os.makedirs would make it (mkdtemp's is private: 0700)
     try:
         yield tmp
         os.replace(tmp, path)

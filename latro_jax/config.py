@@ -27,12 +27,16 @@ REMAT_MODES = ("none", "full", "projections")
 
 
 def remat_mode(value: bool | str) -> str:
-    """A remat setting as one of REMAT_MODES, in any case. Before it was a mode it was a flag:
-    true (or the override `model.remat=true`, =1, =yes) meant full, false none."""
+    """A remat setting as one of REMAT_MODES, in any case; true/yes/1 read as full and false/no/0
+    as none (the setting was a flag in a run's config.json of an earlier version). ValueError
+    naming the allowed modes otherwise."""
     if isinstance(value, str):
         value = value.strip().lower()
         value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(value, value)
-    return ("full" if value else "none") if isinstance(value, bool) else value
+    mode = ("full" if value else "none") if isinstance(value, bool) else value
+    if mode not in REMAT_MODES:
+        raise ValueError(f"allowed: {', '.join(REMAT_MODES)}")
+    return mode
 
 
 class ConfigError(ValueError):
@@ -98,9 +102,10 @@ class ModelConfig:
             raise ConfigError(
                 f"rope type {self.rope.type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
-        object.__setattr__(self, "remat", remat_mode(self.remat))
-        if self.remat not in REMAT_MODES:
-            raise ConfigError(f"remat={self.remat!r}; allowed: {', '.join(REMAT_MODES)}")
+        try:
+            object.__setattr__(self, "remat", remat_mode(self.remat))
+        except ValueError as e:
+            raise ConfigError(f"remat={self.remat!r}; {e}") from None
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ConfigError(f"{field}={getattr(self, field)!r}; allowed: {', '.join(DTYPES)}")

@@ -63,7 +63,7 @@ def run_demo(exp: Experiment, progress: bool = True) -> dict:
     os.makedirs(out, exist_ok=True)
     timings, started = {}, time.perf_counter()
     cached = os.path.isdir(pretrained_path(exp))
-    pretrained_base(exp, progress)
+    pretrained_base(exp, run, progress)
     timings["stage1_pretrain_s"] = time.perf_counter() - started
     params = {}
     for name in ("latro", "sft"):

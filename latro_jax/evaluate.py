@@ -20,7 +20,9 @@ import jax
 from tqdm.auto import tqdm
 
 from latro_jax.config import ModelConfig
-from latro_jax.data.extraction import arc_choice, arc_correct, canonical_number, extract_gsm8k, majority_vote
+from latro_jax.data.extraction import (
+    arc_choice, arc_correct, canonical_number, extract_gsm8k, gsm8k_correct, majority_vote,
+)
 from latro_jax.data.prompts import PromptFormat, encode_prompts
 from latro_jax.data.tasks import NUMERIC_TASKS, Example
 from latro_jax.sampling import SamplingConfig, sample
@@ -41,8 +43,7 @@ def gold(task: str, example: Example) -> str | None:
 def greedy_correct(task: str, text: str, example: Example) -> bool:
     """Whether a greedy generation answers `example` correctly, by LATRO.md's rule of the task."""
     if task in NUMERIC_TASKS:
-        answer = extract_gsm8k(text)
-        return answer is not None and answer == gold(task, example)
+        return gsm8k_correct(text, example.answer)
     return arc_correct(text, example.answer)
 
 

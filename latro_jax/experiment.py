@@ -13,7 +13,7 @@ import os
 import sys
 import typing
 
-from latro_jax.config import REMAT_MODES, remat_mode
+from latro_jax.config import remat_mode
 from latro_jax.data.tasks import SPLITS
 from latro_jax.objective import ObjectiveConfig
 from latro_jax.sharding import DistributedSpec, MeshSpec
@@ -39,7 +39,7 @@ class ModelSpec:
     remat: str = "none"
 
     def __post_init__(self):
-        object.__setattr__(self, "remat", remat_mode(self.remat))  # a run's config.json from before: true/false
+        object.__setattr__(self, "remat", remat_mode(self.remat))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,7 @@ class TrainSpec:
     method: str = "latro"  # latro | sft
     questions_per_update: int = 24
     # at most this many rows per forward+backward on each batch shard (mesh data x fsdp; the paper's
-    # 4 per GPU); the update accumulates the gradient over all rows (train.micro_batch_rows)
+    # 4 per GPU); the update accumulates the gradient over all rows (sharding.micro_batch_rows)
     micro_batch: int = 4
     score_batch: int = 0  # rows per reference forward when scoring a rollout; 0 = all rows at once
     rollout_batch: int = 0  # questions sampled and scored at a time (their KV cache); 0 = all at once
@@ -142,7 +142,6 @@ def validate(exp: Experiment) -> Experiment:
                "set exactly one: a latro-jax checkpoint directory or an HF directory / hub id")
     _check(p.updates >= 0, "pretrain.updates", p.updates, "must be >= 0")
     _check(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "allowed: float32, bfloat16")
-    _check(m.remat in REMAT_MODES, "model.remat", m.remat, f"allowed: {', '.join(REMAT_MODES)}")
     _check(m.lora_rank >= 0, "model.lora_rank", m.lora_rank, "must be >= 0 (0 = full fine-tuning)")
     _check(m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha, "must be > 0")
     _check(d.task in SPLITS, "data.task", d.task, f"allowed: {', '.join(SPLITS)}")
@@ -213,8 +212,8 @@ def apply_overrides(exp: Experiment, overrides: list[str]) -> Experiment:
         value = _parse(text, hints[field], key)
         try:
             exp = dataclasses.replace(exp, **{section_name: dataclasses.replace(section, **{field: value})})
-        except ValueError as e:  # a section's own check (MeshSpec)
-            raise ExperimentError(f"override {item!r}: {e}") from None
+        except ValueError as e:  # a section's own check (MeshSpec, ModelSpec.remat)
+            raise ExperimentError(f"{key}={value!r} is invalid; {e}") from None
     return exp
 
 
@@ -232,6 +231,10 @@ def experiment_module(name: str, directory: str | None = None):
     """The module `experiments/<name>.py`. Its `config()` returns the Experiment; an optional
     `run(exp, progress)` runs it in place of `latro_jax.train.run` (the demo's three stages)."""
     directory = directory or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    if not os.path.isdir(directory):
+        raise ExperimentError(f"no experiments folder at {directory}: experiments are read from the repository's "
+                              "experiments/; install latro-jax from a checkout, editable (pip install -e <repo>, as "
+                              "make setup does)")
     path = os.path.join(directory, f"{name}.py")
     if not os.path.isfile(path):
         available = sorted(f[:-3] for f in os.listdir(directory) if f.endswith(".py") and not f.startswith("_"))

@@ -18,7 +18,7 @@ run unchanged on `merge(lora, base, adapters)`. The sampler gets the merged weig
 rollout (decoding is as fast as the base's), and the training loss merges inside
 `jax.value_and_grad` so that the gradient flows to A and B only (`LoraRowsLoss`). The cost: the
 merged copy of the targeted weights exists during the forward and backward passes, in the base's
-dtype (~14 GB for Llama-3.1-8B in bfloat16; see `training_bytes`), and in a bfloat16 base a
+dtype (~14 GB for Llama-3.1-8B in bfloat16; `tools/plan.py` counts it), and in a bfloat16 base a
 delta smaller than a weight's rounding step (~0.4% of it) is rounded away in the forward pass
 (the gradient still reaches the adapters).
 
@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from latro_jax.checkpoint import save_model
 from latro_jax.config import ModelConfig
 from latro_jax.model import abstract_params
 
@@ -158,7 +157,7 @@ def merge(lora: LoraConfig, base: nnx.State, adapters: dict) -> nnx.State:
 
 @dataclasses.dataclass(frozen=True)
 class LoraRowsLoss:
-    """A `train.update` rows_loss over the adapters: `update(..., rows_loss=LoraRowsLoss(
+    """An `update.update` rows_loss over the adapters: `update(..., rows_loss=LoraRowsLoss(
     latro_rows_loss, lora), params=adapters, opt_state, rows, frozen=base)` differentiates
     `rows_loss` at the merged params w.r.t. the adapters only; the optimizer state covers the
     adapters only. Hashable by value, so a new instance does not recompile the update."""
@@ -168,41 +167,3 @@ class LoraRowsLoss:
 
     def __call__(self, config, objective, num_rows, score_from, adapters, rows, frozen):
         return self.rows_loss(config, objective, num_rows, score_from, merge(self.lora, frozen, adapters), rows)
-
-
-def save_merged(
-    output: str,
-    config: ModelConfig,
-    lora: LoraConfig,
-    base: nnx.State,
-    adapters: dict,
-    hf_files: dict[str, str] | None = None,
-) -> None:
-    """Write the merged model as an ordinary latro-jax checkpoint at `output` (then
-    `convert.hf.export_hf` writes it as HF safetensors, as for any checkpoint). `hf_files`: the
-    base checkpoint's hf/ side files to carry over (name -> path)."""
-    save_model(output, config, jax.jit(merge, static_argnums=0)(lora, base, adapters), hf_files)
-
-
-def training_bytes(config: ModelConfig, lora: LoraConfig | None = None, base_dtype: str = "bfloat16") -> dict[str, int]:
-    """Bytes of the training state on one device, without activations, KV cache or sharding
-    (tools/plan.py has the per-device plan): {"params", "grads", "optimizer", "reference",
-    "merged"}.
-
-    Full fine-tuning (lora None), as `train.run` does it: float32 params, float32 gradient
-    accumulator, AdamW's two float32 moments, and pi_0 as a copy in `base_dtype`, the compute
-    dtype (`train.reference_params`). LoRA: the frozen base in `base_dtype` (it is pi_0 too),
-    float32 adapters with their gradient and moments, and the merged copy of the adapted weights
-    that exists while sampling and during the update.
-    """
-    base = nnx.to_pure_dict(abstract_params(config))
-    base_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base))
-    itemsize = jnp.dtype(base_dtype).itemsize
-    if lora is None:
-        return {"params": 4 * base_count, "grads": 4 * base_count, "optimizer": 8 * base_count,
-                "reference": itemsize * base_count, "merged": 0}
-    shapes = jax.tree.leaves(adapter_shapes(config, lora), is_leaf=lambda x: isinstance(x, dict) and "a" in x)
-    adapter_count = sum(int(np.prod(s["a"])) + int(np.prod(s["b"])) for s in shapes)
-    adapted_count = sum(int(np.prod(s["a"][:-1] + s["b"][1:])) for s in shapes)  # W: [in..., out...]
-    return {"params": itemsize * base_count + 4 * adapter_count, "grads": 4 * adapter_count,
-            "optimizer": 8 * adapter_count, "reference": 0, "merged": itemsize * adapted_count}

@@ -33,7 +33,7 @@ class ObjectiveConfig:
     question of the update, whatever the mesh). The released code's mean is over each GPU's
     "local batch": 3 questions (24 over 8 GPUs), so nonstop_group=3 reproduces it.
     reference_compat: reproduce the released code's R, whose sum includes the log-prob of the
-    last token before the answer (pass `last_context_logprob` to `latro_loss`).
+    last token before the answer (`rollout_advantages`' `last_context_logprob`).
     """
 
     beta: float
@@ -189,43 +189,3 @@ def surrogate_loss(
     sft_loss = jnp.sum(-answer_logprob) / num_rows
     terms = {"pg_loss": jax.lax.stop_gradient(pg_loss), "sft_loss": jax.lax.stop_gradient(sft_loss)}
     return pg_loss + cfg.sft_coef * sft_loss, terms
-
-
-def latro_loss(
-    cfg: ObjectiveConfig,
-    k: int,
-    rationale_logprobs: jax.Array,
-    rationale_mask: jax.Array,
-    answer_logprobs: jax.Array,
-    answer_mask: jax.Array,
-    ref_rationale_logprob_sums: jax.Array,
-    finished: jax.Array,
-    reward_answer_logprob_sums: jax.Array | None = None,
-    last_context_logprob: jax.Array | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The LaTRO loss of a whole batch and its metrics: `rollout_advantages` then `surrogate_loss`.
-    `cfg` and `k` are static.
-
-    rationale_logprobs [N, L], answer_logprobs [N, A]: per-token log pi from the policy forward
-    pass over x+z+y (differentiable). rationale_mask [N, L], answer_mask [N, A]: the tokens of z
-    and of y. ref_rationale_logprob_sums [N]: log pi_0(z|x). finished [N] bool.
-    reward_answer_logprob_sums [N] (optional): log pi(y|x+z) already computed with the same
-    params (the sampler's cache continuation); used for R instead of the answer_logprobs sum.
-    last_context_logprob [N]: required with `cfg.reference_compat`.
-
-    loss = mean(-A * log pi(z|x)) + sft_coef * mean(-log pi(y|x+z)), with A a constant.
-    Metrics: those of `rollout_advantages`, the rationale length, and pg_loss / sft_loss (the two
-    terms unweighted; sft_loss = mean answer NLL, reported whatever sft_coef).
-    """
-    n = rationale_logprobs.shape[0]
-    chex.assert_axis_dimension(answer_logprobs, 0, n)
-    rationale_logprob = masked_sum(rationale_logprobs.astype(jnp.float32), rationale_mask)
-    if reward_answer_logprob_sums is None:
-        reward_answer_logprob_sums = masked_sum(answer_logprobs.astype(jnp.float32), answer_mask)
-    advantages, _, metrics = rollout_advantages(
-        cfg, k, rationale_logprob, ref_rationale_logprob_sums, reward_answer_logprob_sums, finished,
-        last_context_logprob,
-    )
-    loss, terms = surrogate_loss(cfg, advantages, rationale_logprobs, rationale_mask, answer_logprobs, answer_mask)
-    metrics["rationale_length_mean"] = jnp.mean(jnp.sum(rationale_mask.astype(jnp.float32), axis=-1))
-    return loss, {**metrics, **terms}

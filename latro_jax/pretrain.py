@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 
 import jax
 
@@ -75,10 +76,9 @@ def _tokenizer_files(exp: Experiment, directory: str):
     return build_tokenizer(directory)
 
 
-def pretrained_base(exp: Experiment, progress: bool = True) -> str:
-    """The base model checkpoint of `exp` (pretrain.updates > 0), trained now unless cached."""
-    from latro_jax.train import run  # train imports this module: import at call time
-
+def pretrained_base(exp: Experiment, train: Callable[..., dict], progress: bool = True) -> str:
+    """The base model checkpoint of `exp` (pretrain.updates > 0), trained now unless cached, by
+    `train` (`latro_jax.train.run`) as an SFT run."""
     path = pretrained_path(exp)
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):
         return path
@@ -109,7 +109,7 @@ def pretrained_base(exp: Experiment, progress: bool = True) -> str:
     if progress:
         print(f"stage 1: pre-training a {spec.num_layers}-layer, {spec.hidden_size}-wide model from scratch "
               f"({spec.updates} updates), cached in {path}")
-    result = run(stage, progress=progress)
+    result = train(stage, progress=progress)
     hf = os.path.join(init, HF_DIR)
     save_model(path, read_config(init), result["params"], {name: os.path.join(hf, name) for name in os.listdir(hf)})
     with open(os.path.join(path, SETTINGS_FILE), "w") as f:

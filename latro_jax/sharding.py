@@ -295,3 +295,37 @@ def global_max(values: Sequence[int]) -> list[int]:
 def is_primary() -> bool:
     """Whether this process writes the run's logs and files (process 0)."""
     return jax.process_index() == 0
+
+
+def micro_batches(rows, micro_batch: int):
+    """Rows [N, ...] -> [N // micro_batch, micro_batch, ...], micro-batch j holding rows j, j + M,
+    j + 2M, ... (M = N // micro_batch). Strided, not consecutive: with rows split over devices
+    (blocks of consecutive rows), every micro-batch takes its share from each device, so each scan
+    step keeps all devices busy instead of one."""
+    def split(x):
+        x = x.reshape(micro_batch, x.shape[0] // micro_batch, *x.shape[1:]).swapaxes(0, 1)
+        return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, rows)
+
+
+def micro_batch_rows(micro_batch: int, rows: int, mesh: jax.sharding.Mesh) -> int:
+    """Rows per forward+backward of an update of `rows` rows. `train.micro_batch` is at most that
+    many rows on each batch shard (a group of devices holding the same rows: mesh data x fsdp), as
+    the paper's "micro-batches of 4" are per GPU, so that every device works on rows of its own:
+    the shards times the largest count <= micro_batch that divides each shard's rows. Where the
+    rows do not split evenly over the shards (a row is then computed on several devices; plan.py
+    says so), the largest divisor of the rows <= micro_batch x shards."""
+    shards = batch_shards(mesh)
+
+    def largest_divisor(n: int, at_most: int) -> int:
+        return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+    if rows % shards == 0:
+        return shards * largest_divisor(rows // shards, micro_batch)
+    return largest_divisor(rows, micro_batch * shards)
+
+
+def unmicro_batches(values):
+    """The inverse of `micro_batches`: [M, micro_batch, ...] -> [N, ...] in the original row order."""
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), values)

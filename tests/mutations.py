@@ -35,32 +35,32 @@ class Mutation(NamedTuple):
 
 MUTATIONS = (
     Mutation(
-        "micro_batch_gradients_averaged", "latro_jax/train.py",
+        "micro_batch_gradients_averaged", "latro_jax/update.py",
         "    grad_norm = optax.global_norm(grads)",
         "    grads = jax.tree.map(lambda g: g / jax.tree.leaves(micro)[0].shape[0], grads); "
         "grad_norm = optax.global_norm(grads)",
         ("tests/test_train.py::test_update_accumulates_the_whole_batch_gradient",),
     ),
     Mutation(
-        "micro_batch_loss_mean_per_micro_batch", "latro_jax/train.py",
+        "micro_batch_loss_mean_per_micro_batch", "latro_jax/update.py",
         "    loss_fn = functools.partial(rows_loss, config, objective, n, score_from)",
         "    loss_fn = functools.partial(rows_loss, config, objective, micro_batch, score_from)",
         ("tests/test_train.py::test_update_accumulates_the_whole_batch_gradient",),
     ),
     Mutation(
-        "nonstop_mean_per_chunk", "latro_jax/train.py",
+        "nonstop_mean_per_chunk", "latro_jax/rollout.py",
         "    scored = advantages_of(objective, k, *concat(*parts))",
         "    scored = advantages_of(dataclasses.replace(objective, nonstop_group=chunk), k, *concat(*parts))",
         ("tests/test_train.py::test_rollout_in_chunks_takes_advantages_over_the_whole_batch",),
     ),
     Mutation(
-        "answer_reward_without_first_answer_token", "latro_jax/train.py",
+        "answer_reward_without_first_answer_token", "latro_jax/rollout.py",
         "        answer=masked_sum(cont_logprobs[:, 1:], cont_mask[:, 2:]), last_context=cont_logprobs[:, 0],",
         "        answer=masked_sum(cont_logprobs[:, 2:], cont_mask[:, 3:]), last_context=cont_logprobs[:, 0],",
         ("tests/test_train.py::test_cached_answer_reward_equals_full_rescoring",),
     ),
     Mutation(
-        "finished_rows_scored_as_unfinished", "latro_jax/train.py",
+        "finished_rows_scored_as_unfinished", "latro_jax/rollout.py",
         "        objective, k, scores.policy, scores.reference, scores.answer, scores.finished, scores.last_context",
         "        objective, k, scores.policy, scores.reference, scores.answer, scores.finished & False, "
         "scores.last_context",
@@ -86,33 +86,33 @@ MUTATIONS = (
         ("tests/test_sampling.py::test_three_token_draws_follow_the_model",),
     ),
     Mutation(
-        "batch_indices_repeat_at_epoch_boundary", "latro_jax/train.py",
+        "batch_indices_repeat_at_epoch_boundary", "latro_jax/data/batches.py",
         "        order = _epoch_order(num_examples, seed, epoch)",
         "        order = _epoch_order(num_examples, seed, start // num_examples)",
         ("tests/test_batches.py::test_each_epoch_draws_every_example_once",),
     ),
     Mutation(
-        "batch_indices_same_order_every_epoch", "latro_jax/train.py",
+        "batch_indices_same_order_every_epoch", "latro_jax/data/batches.py",
         "        order = _epoch_order(num_examples, seed, epoch)",
         "        order = _epoch_order(num_examples, seed, 0)",
         ("tests/test_batches.py::test_each_epoch_draws_every_example_once",),
     ),
     Mutation(
-        "sft_mask_includes_prompt", "latro_jax/train.py",
+        "sft_mask_includes_prompt", "latro_jax/update.py",
         "        completion_mask[i, len(p) : len(p) + len(c)] = True",
         "        completion_mask[i, : len(p) + len(c)] = True",
         ("tests/test_batches.py::test_sft_rows_fed_to_the_update",),
     ),
     Mutation(
-        "sft_rationale_without_end_token", "latro_jax/train.py",
+        "sft_rationale_without_end_token", "latro_jax/data/batches.py",
         "            rationales = iter(encode_texts(tokenizer, [e.rationale + fmt.end_token",
         "            rationales = iter(encode_texts(tokenizer, [e.rationale",
         ("tests/test_batches.py::test_sft_rows_fed_to_the_update",),
     ),
     Mutation(
-        "sft_target_ignored", "latro_jax/train.py",
-        '            gold = [sft and exp.data.sft_target != "answer" and e.rationale is not None for e in examples]',
-        "            gold = [sft and e.rationale is not None for e in examples]",
+        "sft_target_ignored", "latro_jax/data/batches.py",
+        '            gold = [self.sft and self.exp.data.sft_target != "answer" and e.rationale is not None for e in examples]',
+        "            gold = [self.sft and e.rationale is not None for e in examples]",
         ("tests/test_batches.py::test_sft_rows_fed_to_the_update",),
     ),
     Mutation(
@@ -122,21 +122,21 @@ MUTATIONS = (
         ("tests/test_lora_mesh.py::test_lora_on_a_mesh_equals_one_device",),
     ),
     Mutation(
-        "best_keeps_the_lowest", "latro_jax/train.py",
+        "best_keeps_the_lowest", "latro_jax/runs.py",
         'best_fn=lambda m: m["greedy_accuracy"], best_mode="max"',
         'best_fn=lambda m: m["greedy_accuracy"], best_mode="min"',
         ("tests/test_run_loop.py::test_best_keeps_the_most_accurate_step_and_checkpoints_the_last_few",),
     ),
     Mutation(
-        "best_keeps_the_last", "latro_jax/train.py",
-        'options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["greedy_accuracy"], best_mode="max"),',
-        "options=ocp.CheckpointManagerOptions(max_to_keep=1),",
+        "best_keeps_the_last", "latro_jax/runs.py",
+        '        self.best = manager("best", max_to_keep=1, best_fn=lambda m: m["greedy_accuracy"], best_mode="max")',
+        '        self.best = manager("best", max_to_keep=1)',
         ("tests/test_run_loop.py::test_best_keeps_the_most_accurate_step_and_checkpoints_the_last_few",),
     ),
     Mutation(
-        "keep_last_off_by_one", "latro_jax/train.py",
-        "options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_last)",
-        "options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_last + 1)",
+        "keep_last_off_by_one", "latro_jax/runs.py",
+        '        self.latest = manager("checkpoints", max_to_keep=exp.train.keep_last)',
+        '        self.latest = manager("checkpoints", max_to_keep=exp.train.keep_last + 1)',
         ("tests/test_run_loop.py::test_best_keeps_the_most_accurate_step_and_checkpoints_the_last_few",),
     ),
     Mutation(
@@ -146,7 +146,7 @@ MUTATIONS = (
         ("tests/test_run_loop.py::test_a_skipped_update_leaves_params_and_the_schedule_where_they_were",),
     ),
     Mutation(
-        "lr_decay_off_by_one", "latro_jax/train.py",
+        "lr_decay_off_by_one", "latro_jax/update.py",
         "1 - (step - spec.warmup_steps) / (updates - spec.warmup_steps)",
         "1 - (step + 1 - spec.warmup_steps) / (updates - spec.warmup_steps)",
         ("tests/test_run_loop.py::test_logged_learning_rate_is_optax_schedule_without_warmup",),
@@ -158,15 +158,15 @@ MUTATIONS = (
         ("tests/test_run_loop.py::test_a_skipped_update_leaves_params_and_the_schedule_where_they_were",),
     ),
     Mutation(
-        "resume_from_step_zero", "latro_jax/train.py",
-        'restored.state["opt_state"], restored.meta["step"]',
-        'restored.state["opt_state"], 0',
+        "resume_from_step_zero", "latro_jax/runs.py",
+        '        return restored.state, restored.meta["step"]',
+        '        return restored.state, 0',
         ("tests/test_run_loop.py::test_sigterm_and_ctrl_c_save_exit_130_and_the_same_command_resumes",),
     ),
     Mutation(
         "model_hf_converted_every_run", "latro_jax/train.py",
-        "        if not os.path.isdir(checkpoint) and create:",
-        "        if create:",
+        "    elif exp.model.hf and not os.path.isdir(checkpoint):",
+        "    elif exp.model.hf:",
         ("tests/test_run_loop.py::test_model_hf_is_converted_into_the_run_once",),
     ),
     Mutation(
@@ -201,7 +201,7 @@ def apply(root: str, mutation: Mutation) -> None:
 
 
 def run_tests(root: str, tests: tuple[str, ...]) -> tuple[bool, str]:
-    env = {**os.environ, "LATRO_TEST_DATA": DATA, "PYTHONPATH": root}
+    env = {**os.environ, "LATRO_TEST_DATA": DATA, "PYTHONPATH": root}  # the mutated copy, not the installed one
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=root,
                           env=env, capture_output=True, text=True)
     summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]

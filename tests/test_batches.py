@@ -1,6 +1,6 @@
 """What a training run draws and feeds its update.
 
-`train.batch_indices`: over several epochs (the SFT recipes run 3), each epoch draws every
+`data.batches.batch_indices`: over several epochs (the SFT recipes run 3), each epoch draws every
 example once, also where a batch straddles two epochs; each epoch has its own order and each
 seed its own; the draw is a pure function of (step, seed), so a resumed run continues exactly.
 
@@ -23,7 +23,8 @@ import pytest
 
 from latro_jax import train
 from latro_jax.experiment import load_experiment
-from latro_jax.train import batch_indices, sft_rows, sft_rows_loss
+from latro_jax.data.batches import batch_indices
+from latro_jax.update import sft_rows, sft_rows_loss
 from test_experiments import stand_ins, tiny  # noqa: F401 (stand_ins: a fixture)
 
 # ---- batch_indices -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ TINY = ["--layers", "1", "--batch", "2", "--prompt-len", "8", "--new-tokens", "4
 ], ids=["cpu-small-float32", "llama8b-tiny-bfloat16"])
 def test_bench_compares_equal_work_and_reports_the_train_ratio(tmp_path, args, logprob_atol, loss_rtol):
     out = tmp_path / "bench.json"
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), *args, "--json", str(out)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -231,20 +231,25 @@ def test_a_missing_directory_or_model_is_named(tmp_path, monkeypatch):
     assert_nothing_written(tmp_path)
 
 
-def test_outputs_are_readable_by_others_and_never_overwritten(hf_dir, tmp_path, monkeypatch):
-    """A checkpoint or export directory gets the permissions os.makedirs gives (the umask's; 022
-    here, whatever this machine's), not the temporary directory's private 0700: a server running
-    as another user reads it. An existing output stops the conversion before any weight is read
-    (or downloaded)."""
+def test_outputs_are_readable_by_others_and_never_overwritten(hf_dir, tmp_path):
+    """A checkpoint or export directory gets the permissions os.makedirs gives (the umask's at
+    the time, 027 here: 0750), not the temporary directory's private 0700: a server running as
+    another user (of the group, here) reads it. An existing output stops the conversion before
+    any weight is read (or downloaded)."""
     import stat
 
-    import latro_jax.checkpoint
+    from latro_jax.checkpoint import current_umask
 
-    monkeypatch.setattr(latro_jax.checkpoint, "_UMASK", 0o022)
-    convert_hf(str(hf_dir), tmp_path / "ckpt")
-    export_hf(tmp_path / "ckpt", tmp_path / "out")
+    umask = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027
+        convert_hf(str(hf_dir), tmp_path / "ckpt")
+        export_hf(tmp_path / "ckpt", tmp_path / "out")
+    finally:
+        os.umask(umask)
+    assert current_umask() == umask
     for made in ("ckpt", "out"):
-        assert stat.S_IMODE(os.stat(tmp_path / made).st_mode) == 0o755
+        assert stat.S_IMODE(os.stat(tmp_path / made).st_mode) == 0o750
     with pytest.raises(FileExistsError, match="ckpt already exists"):
         convert_hf(str(tmp_path / "not" / "a" / "model"), tmp_path / "ckpt")
     # What a killed conversion left is removed by the next one to that path, and only that.

@@ -9,6 +9,7 @@ import pytest
 from latro_jax import demo
 from latro_jax.experiment import ExperimentError, load_experiment
 from latro_jax.pretrain import pretrained_base, pretrained_path
+from latro_jax.train import run
 
 # The demo at a smaller scale: a 2-layer base model (the demo's has 4) with the full stage 1 (800
 # updates: with 400, at any learning rate tried, a base model has not learned the arithmetic yet,
@@ -58,7 +59,7 @@ def test_reduced_demo_improves_the_base_model(tmp_path, monkeypatch):
     # stage 1 is cached: asking again returns the same model without training it again
     base = pretrained_path(exp)
     stamp = os.path.getmtime(os.path.join(base, "model_config.json"))
-    assert pretrained_base(exp, progress=False) == base
+    assert pretrained_base(exp, run, progress=False) == base
     assert os.path.getmtime(os.path.join(base, "model_config.json")) == stamp
 
 

@@ -20,7 +20,8 @@ from hf_models import assert_exported_logits, make_hf_model
 from latro_jax.config import ConfigError, ModelConfig
 from latro_jax.convert.hf import convert_hf
 from latro_jax.experiment import ExperimentError, experiment_from_dict, load_experiment
-from latro_jax.train import check_resumable, load_run_step, run
+from latro_jax.runs import check_resumable, load_run_step
+from latro_jax.train import run
 from shared_tokenizers import built
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -313,11 +314,10 @@ def test_train_and_eval_command_lines(stand_ins, test_data, tmp_path):
     checkpoint, tokenizer = stand_ins("llama")
     tokenizer.save_pretrained(os.path.join(checkpoint, "hf"))  # the CLI loads the checkpoint's tokenizer
     exp = tiny("gsm8k_llama", checkpoint, tmp_path, test_data)
-    env = {**os.environ, "PYTHONPATH": REPO}
     trained = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "train.py"), "gsm8k_llama",
          *cli_overrides(checkpoint, exp.data.source, tmp_path, updates=1)],
-        capture_output=True, text=True, env=env,
+        capture_output=True, text=True,
     )
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert "gsm8k_llama: 100%" in trained.stderr and "1/1" in trained.stderr  # the tqdm bar
@@ -330,7 +330,7 @@ def test_train_and_eval_command_lines(stand_ins, test_data, tmp_path):
         [sys.executable, os.path.join(REPO, "tools", "eval.py"), os.path.join(run_dir, "best", "1"), "--task", "gsm8k",
          "--split", "test", "--source", exp.data.source, "--limit", "2", "--maj-k", "2", "--max-new-tokens", "8",
          "--dtype", "float32", "--out", str(results)],
-        capture_output=True, text=True, env=env,
+        capture_output=True, text=True,
     )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     result = json.loads(results.read_text())
@@ -341,7 +341,7 @@ def test_train_and_eval_command_lines(stand_ins, test_data, tmp_path):
     exported = tmp_path / "exported"
     done = subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_hf.py"),
                            os.path.join(run_dir, "best", "1") + os.sep, str(exported)],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     step = load_run_step(os.path.join(run_dir, "best", "1"))
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(step.params),

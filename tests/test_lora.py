@@ -18,16 +18,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from latro_jax.checkpoint import load_model
-from latro_jax.config import ModelConfig
+from latro_jax.checkpoint import load_model, save_model
 from latro_jax.convert.hf import export_hf, export_params
 from latro_jax.experiment import OptimSpec
 from latro_jax import lora as lora_lib
 from latro_jax import model
-from latro_jax.lora import LoraConfig, LoraRowsLoss, init_adapters, save_merged, training_bytes
+from latro_jax.lora import LoraConfig, LoraRowsLoss, init_adapters
 from latro_jax.objective import ObjectiveConfig
-from latro_jax.train import latro_rows_loss, make_optimizer, update
-from tests.hf_models import assert_exported_logits, convert, hf_logits, make_hf_model, mixed_batch
+from latro_jax.runs import load_run_step
+from latro_jax.update import latro_rows_loss, make_optimizer, update
+from hf_models import assert_exported_logits, convert, hf_logits, make_hf_model, mixed_batch
 
 OBJECTIVE = ObjectiveConfig(beta=0.05)
 LORA = LoraConfig(rank=4, alpha=8.0)
@@ -112,7 +112,7 @@ def test_merged_export_matches_a_peft_style_reference_in_transformers(hf_base, t
     adapters = jax.tree.map(lambda x: x if float(jnp.abs(x).max()) else 0.05 * jax.random.normal(next(keys), x.shape),
                             adapters)  # a trained-looking B, not 0
 
-    save_merged(tmp_path / "merged", config, lora, base, adapters, {})
+    save_model(tmp_path / "merged", config, merge(lora, base, adapters), {})
     export_hf(tmp_path / "merged", tmp_path / "merged_hf")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged_hf", attn_implementation="eager",
                                                     dtype=torch.float32).eval()
@@ -138,21 +138,6 @@ def test_merged_export_matches_a_peft_style_reference_in_transformers(hf_base, t
     assert np.abs(np.asarray(base_logits)[real] - reference[real]).max() > 1e-2  # the adapters matter
 
 
-def test_training_bytes():
-    config = ModelConfig("llama", 64, 32, 48, 2, 4, 2, 8)
-    """Hand count for CONFIG (hidden 32, mlp 48, 4 heads, 2 kv heads of 8, 2 layers) at rank 4:
-    per layer q 32*4+4*32, k and v 32*4+4*16 each, o 32*4+4*32, gate and up 32*4+4*48 each,
-    down 48*4+4*32: 1856 adapter params."""
-    base_count = 64 * 32 * 2 + 32 + 2 * (2 * 32 + 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 48)
-    adapters = 2 * 1856
-    adapted = 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 48)
-    assert training_bytes(config) == dict(params=4 * base_count, grads=4 * base_count, optimizer=8 * base_count,
-                                          reference=2 * base_count, merged=0)  # pi_0 in bfloat16
-    assert training_bytes(config, base_dtype="float32")["reference"] == 4 * base_count
-    assert training_bytes(config, LORA) == dict(params=2 * base_count + 4 * adapters, grads=4 * adapters,
-                                                optimizer=8 * adapters, reference=0, merged=2 * adapted)
-
-
 @pytest.mark.parametrize("kwargs, field", [(dict(rank=0), "rank"), (dict(rank=4, alpha=-1.0), "alpha"),
                                            (dict(rank=4, targets=("qkv",)), "targets")])
 def test_bad_lora_config_names_the_field(kwargs, field):
@@ -174,11 +159,11 @@ def test_lora_run_trains_only_adapters_and_resumes_exactly(tmp_path):
                  "train.micro_batch=4", "train.eval_every=2", "data.eval_size=4", "train.maj_k=2",
                  "rollout.max_new_tokens=16", "optim.learning_rate=1e-2"]
     exp = stage_experiments(load_experiment("demo", overrides))["latro"]
-    config, base = load_model(pretrained_base(load_experiment("demo", overrides), progress=False))
+    config, base = load_model(pretrained_base(load_experiment("demo", overrides), train.run, progress=False))
     straight = train.run(exp, progress=False)
     # `make eval` / `make export` of the run's best step: the adapters merged into the base, as the
     # run's final params; exported, transformers gives their logits.
-    step = train.load_run_step(os.path.join(exp.run_dir, "best", "2"))
+    step = load_run_step(os.path.join(exp.run_dir, "best", "2"))
     chex.assert_trees_all_equal(step.params, straight["params"])
     export_params(step.config, step.params, step.hf_files, tmp_path / "exported")
     assert_exported_logits(step.config, step.params, tmp_path / "exported")

@@ -79,7 +79,7 @@ def experiment(checkpoint: str, output_dir: str, mesh: tuple[int, int, int]):
         # 200 problems to draw from (the train split generates 50,000: seconds)
         data=DataSpec(task="arithmetic", train_split="validation", eval_split="test", eval_size=2),
         optim=OptimSpec(learning_rate=1e-3),
-        # 8 rows: 4 micro-batches of 2 on one device, one of 8 on fsdp=8 (train.micro_batch_rows).
+        # 8 rows: 4 micro-batches of 2 on one device, one of 8 on fsdp=8 (sharding.micro_batch_rows).
         train=TrainSpec(method="sft", questions_per_update=8, micro_batch=2, updates=UPDATES + 1, eval_every=100,
                         save_every=100, output_dir=output_dir),
         mesh=MeshSpec(*mesh),
@@ -135,7 +135,7 @@ def trained(exp) -> dict:
 
 
 def _report(directory: str) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     result = subprocess.run([sys.executable, os.path.abspath(__file__), directory], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)

@@ -43,9 +43,10 @@ def experiment(output_dir: str):
     from latro_jax.demo import stage_experiments
     from latro_jax.experiment import load_experiment
     from latro_jax.pretrain import pretrained_base
+    from latro_jax.train import run
 
     overrides = [f"train.output_dir={output_dir}", *OVERRIDES]
-    pretrained_base(load_experiment("demo", overrides), progress=False)
+    pretrained_base(load_experiment("demo", overrides), run, progress=False)
     return stage_experiments(load_experiment("demo", overrides))["latro"]
 
 
@@ -70,6 +71,7 @@ def assert_params_close(got: dict, want: dict, start: dict) -> None:
 def worker(config_path: str, report_path: str, stop_after: str) -> None:
     """One process: join the others if the experiment says so, train, report."""
     from latro_jax import train
+    from latro_jax.data import batches
     from latro_jax.experiment import experiment_from_dict
     from latro_jax.sharding import initialize_distributed
 
@@ -79,13 +81,13 @@ def worker(config_path: str, report_path: str, stop_after: str) -> None:
     import jax
 
     tokenized = []
-    encode = train.encode_prompts
+    encode = batches.encode_prompts
 
     def counting(tokenizer, fmt, questions):
         tokenized.extend(questions)
         return encode(tokenizer, fmt, questions)
 
-    train.encode_prompts = counting  # the training questions this process tokenizes
+    batches.encode_prompts = counting  # the training questions this process tokenizes
     try:
         result = train.run(exp, stop_after=int(stop_after) or None, progress=False)
     except train.Interrupted:
@@ -107,8 +109,7 @@ def free_port() -> int:
 def launch(exp, tmp_path, tag: str, devices: int, stop_after: int) -> subprocess.Popen:
     path = tmp_path / f"{tag}.json"
     path.write_text(json.dumps(dataclasses.asdict(exp)))
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": ROOT,
-           "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen([sys.executable, __file__, str(path), str(tmp_path / f"{tag}.report"), str(stop_after)],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -149,6 +150,7 @@ def eval_tool():
 def test_two_processes_train_save_and_another_mesh_finishes_the_run(tmp_path):
     from latro_jax import train
     from latro_jax.checkpoint import load_model
+    from latro_jax.data.batches import batch_indices
     from latro_jax.data.tasks import load_task
     from latro_jax.sharding import DistributedSpec, MeshSpec
 
@@ -174,7 +176,7 @@ def test_two_processes_train_save_and_another_mesh_finishes_the_run(tmp_path):
     # two devices and rows 2-3 on process 1's (jax.make_mesh keeps a process's CPU devices together).
     train_set = load_task(exp.data.task, exp.data.train_split, exp.data.source or None)
     t = exp.train
-    drawn = [[train_set[int(i)].question for i in train.batch_indices(len(train_set), t.questions_per_update, s, t.seed)]
+    drawn = [[train_set[int(i)].question for i in batch_indices(len(train_set), t.questions_per_update, s, t.seed)]
              for s in range(t.updates)]
     halves = [sorted({q for update in drawn[:STOP_AFTER] for q in update[:2]}),
               sorted({q for update in drawn[:STOP_AFTER] for q in update[2:]})]

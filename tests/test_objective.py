@@ -14,14 +14,9 @@ import numpy as np
 import pytest
 
 from latro_jax.objective import (
-    ObjectiveConfig,
-    answer_rewards,
-    kl_penalised_rewards,
-    latro_loss,
-    rloo_advantages,
-    rollout_advantages,
-    surrogate_loss,
+    ObjectiveConfig, answer_rewards, kl_penalised_rewards, rloo_advantages, rollout_advantages, surrogate_loss,
 )
+from latro_jax.scoring import masked_sum
 
 ATOL = 1e-6
 
@@ -105,6 +100,46 @@ def test_nonstop_group_counts_questions():
     close(rewards, [-3.0, -2.0, -3.0, -9.0])
     _, rewards, _ = rollout_advantages(ObjectiveConfig(beta=0.0), 2, policy, ref, r, finished)
     close(rewards, [-6.0, -2.0, -3.0, -6.0])  # the whole batch's mean, -3
+
+
+def latro_loss(
+    cfg: ObjectiveConfig,
+    k: int,
+    rationale_logprobs: jax.Array,
+    rationale_mask: jax.Array,
+    answer_logprobs: jax.Array,
+    answer_mask: jax.Array,
+    ref_rationale_logprob_sums: jax.Array,
+    finished: jax.Array,
+    reward_answer_logprob_sums: jax.Array | None = None,
+    last_context_logprob: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The LaTRO loss of a whole batch and its metrics, as an update computes them in two steps:
+    `rollout_advantages` over the batch, then `surrogate_loss` (here of all rows at once).
+
+    rationale_logprobs [N, L], answer_logprobs [N, A]: per-token log pi from the policy forward
+    pass over x+z+y (differentiable). rationale_mask [N, L], answer_mask [N, A]: the tokens of z
+    and of y. ref_rationale_logprob_sums [N]: log pi_0(z|x). finished [N] bool.
+    reward_answer_logprob_sums [N] (optional): log pi(y|x+z) already computed with the same
+    params (the sampler's cache continuation); used for R instead of the answer_logprobs sum.
+    last_context_logprob [N]: required with `cfg.reference_compat`.
+
+    loss = mean(-A * log pi(z|x)) + sft_coef * mean(-log pi(y|x+z)), with A a constant.
+    Metrics: those of `rollout_advantages`, the rationale length, and pg_loss / sft_loss (the two
+    terms unweighted; sft_loss = mean answer NLL, reported whatever sft_coef).
+    """
+    n = rationale_logprobs.shape[0]
+    chex.assert_axis_dimension(answer_logprobs, 0, n)
+    rationale_logprob = masked_sum(rationale_logprobs.astype(jnp.float32), rationale_mask)
+    if reward_answer_logprob_sums is None:
+        reward_answer_logprob_sums = masked_sum(answer_logprobs.astype(jnp.float32), answer_mask)
+    advantages, _, metrics = rollout_advantages(
+        cfg, k, rationale_logprob, ref_rationale_logprob_sums, reward_answer_logprob_sums, finished,
+        last_context_logprob,
+    )
+    loss, terms = surrogate_loss(cfg, advantages, rationale_logprobs, rationale_mask, answer_logprobs, answer_mask)
+    metrics["rationale_length_mean"] = jnp.mean(jnp.sum(rationale_mask.astype(jnp.float32), axis=-1))
+    return loss, {**metrics, **terms}
 
 
 # --- latro_loss on a hand example ------------------------------------------------------------

@@ -8,6 +8,7 @@ process's device count is fixed when JAX starts.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -55,10 +56,11 @@ ROW_BYTES = ROWS * LENGTH * (4 + 1 + 1 + 1) + ROWS * 4  # tokens int32, three bo
 
 
 @pytest.fixture(scope="module")
-def plans():
-    env = dict(os.environ, PYTHONPATH=ROOT)
+def plans(tmp_path_factory):
+    env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, __file__, str(tmp_path_factory.mktemp("plan") / "config.json")], env=env,
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -93,6 +95,17 @@ def test_lora_trains_the_adapters_against_a_bf16_base(plans):
     assert expected <= lora["phases"]["update"]["arguments"] <= expected + 64
     full = plans["full 1,1,1"]
     assert lora["phases"]["update"]["total"] < full["phases"]["update"]["total"]
+
+
+def test_a_lora_override_plans_the_lora_update(plans):
+    """model.lora_rank on the command line (not only --lora) plans LoRA: the trained params are the
+    rank-16 adapters, replicated on the experiment's mesh (fsdp over the 4 devices), and the
+    frozen base is sharded over them."""
+    planned = plans["make plan lora"]
+    assert planned["lora_rank"] == 16
+    assert (planned["mesh"]["data"], planned["mesh"]["fsdp"], planned["mesh"]["tensor"]) == (1, 4, 1)
+    assert planned["state_bytes_per_device"]["policy params"] == 4 * hand_adapter_count(TINY, 16)
+    assert "frozen base (also pi_0)" in planned["state_bytes_per_device"]
 
 
 def test_rollouts_in_chunks_of_questions_hold_one_chunk_of_kv_cache(plans):
@@ -145,22 +158,32 @@ if __name__ == "__main__":
     from latro_jax.experiment import load_experiment
 
     tool = load_plan_module()
-    exp = load_experiment("gsm8k_llama", OVERRIDES)
     config = ModelConfig.from_hf(TINY)
-    one = tool.plan(exp, config, (1, 1, 1), 1_000_000, None, 16, 16)
+
+    def experiment(*overrides, mesh=(1, 1, 1)):
+        sizes = [f"mesh.{axis}={size}" for axis, size in zip(("data", "fsdp", "tensor"), mesh)]
+        return load_experiment("gsm8k_llama", OVERRIDES + sizes + list(overrides))
+
+    one = tool.plan(experiment(), config, 1_000_000, 16, 16)
     results = {
         "full 1,1,1": one,
-        "full 1,4,1": tool.plan(exp, config, (1, 4, 1), one["peak"] - 1, None, 16, 16),
-        "lora 1,1,1": tool.plan(exp, config, (1, 1, 1), 1_000_000, RANK, 16, 16),
-        "chunked 1,1,1": tool.plan(load_experiment("gsm8k_llama", OVERRIDES + ["train.rollout_batch=2"]), config,
-                                   (1, 1, 1), 1_000_000, None, 16, 16),
+        "full 1,4,1": tool.plan(experiment(mesh=(1, 4, 1)), config, one["peak"] - 1, 16, 16),
+        "lora 1,1,1": tool.plan(experiment(f"model.lora_rank={RANK}"), config, 1_000_000, 16, 16),
+        "chunked 1,1,1": tool.plan(experiment("train.rollout_batch=2"), config, 1_000_000, 16, 16),
     }
+    # `make plan EXP=gsm8k_llama model.lora_rank=16`: the override, on the experiment's own mesh
+    # (fsdp over the 4 devices), plans the LoRA update
+    with open(sys.argv[1], "w") as f:
+        json.dump(TINY, f)
+    with contextlib.redirect_stdout(sys.stderr):
+        results["make plan lora"] = tool.main(["gsm8k_llama", *OVERRIDES, "model.lora_rank=16", "--model-config",
+                                               sys.argv[1]])
     print(json.dumps(results))
 
 
 def test_a_bad_override_is_one_line_naming_the_field():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plan.py"), "gsm8k_llama", "train.micro_batch=0"],
-                            env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
         "error: train.micro_batch=0 is invalid; must be >= 1 (at most this many rows per batch shard in each forward+backward)"

@@ -25,7 +25,8 @@ import latro_jax.train as train
 from latro_jax.checkpoint import CONFIG_FILE, load_model
 from latro_jax.convert.hf import convert_hf
 from latro_jax.experiment import load_experiment
-from latro_jax.train import load_run_step, run
+from latro_jax.runs import load_run_step
+from latro_jax.train import run
 from test_experiments import REPO, cli_overrides, stand_ins, tiny  # noqa: F401 (stand_ins: a fixture)
 
 # Scripted validation greedy accuracy after each update: best at 2 and 3 (a tie), the last lower.
@@ -271,7 +272,7 @@ def test_sigterm_and_ctrl_c_save_exit_130_and_the_same_command_resumes(evaluated
     tokenizer.save_pretrained(os.path.join(checkpoint, "hf"))  # the CLI loads the checkpoint's tokenizer
     command = [os.path.join(REPO, "tools", "train.py"), "gsm8k_llama",
                *cli_overrides(checkpoint, evaluated_run[0].data.source, tmp_path, updates=4)]
-    env = {**os.environ, "PYTHONPATH": REPO,
+    env = {**os.environ,
            # this process's matmul precision (conftest), so that the params compare bit for bit
            "JAX_DEFAULT_MATMUL_PRECISION": jax.config.jax_default_matmul_precision or "",
            # the three processes compile the same programs: once

@@ -113,7 +113,7 @@ def test_logical_spec_keeps_the_longest_dividing_prefix():
 
 
 def _mesh_report() -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     result = subprocess.run(
         [sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
@@ -210,7 +210,7 @@ def _mesh_checks() -> dict:
     from latro_jax.objective import ObjectiveConfig
     from latro_jax.sampling import SamplingConfig, sample_padded
     from latro_jax.scoring import token_logprobs
-    from latro_jax.train import latro_rows_loss, make_optimizer, update
+    from latro_jax.update import latro_rows_loss, make_optimizer, update
 
     jax.config.update("jax_default_matmul_precision", "highest")  # as in conftest.py
     # Compiling dominates this check (5 configurations x 4 programs). Every configuration is

@@ -22,16 +22,20 @@ from latro_jax.model import init_params
 from latro_jax.objective import ObjectiveConfig, rollout_advantages
 from latro_jax.sampling import SamplingConfig
 from latro_jax.scoring import masked_sum, token_logprobs
-from latro_jax.train import (
-    applied_updates, latro_rows_loss, make_optimizer, micro_batches, questions, reference_params, rollout,
-    unmicro_batches, update,
-)
+from latro_jax.rollout import Questions, pad_questions, question_slots, rollout
+from latro_jax.sharding import micro_batches, unmicro_batches
+from latro_jax.update import applied_updates, latro_rows_loss, make_optimizer, reference_params, update
 
 CONFIG = ModelConfig("llama", 64, 32, 48, 2, 4, 2, 8)
 OBJECTIVE = ObjectiveConfig(beta=0.05)
 SAMPLING = SamplingConfig(max_new_tokens=12, num_samples=4, stop_token_ids=(2,), stop_sequences=((7, 8),))
 PROMPTS = [[1, 5, 6, 7], [1, 9, 10]]
 ANSWERS = [[11, 12, 2], [13, 2]]
+
+
+def questions(prompts, answers, sampling: SamplingConfig) -> Questions:
+    """Questions from token lists, padded as a run pads them (one process, one device)."""
+    return pad_questions(prompts, answers, question_slots(prompts, answers, sampling), sampling.pad_token_id)
 
 
 def rows_of(scored):
@@ -332,7 +336,7 @@ def test_micro_batch_counts_rows_per_batch_shard():
     4 rows in all would be computed whole on every device. Tensor devices share rows. Where 4 does
     not divide a shard's rows, fewer (24 rows on 4 shards: 6 each, 3 at a time); where the rows
     do not split over the shards, the largest divisor of the rows within micro_batch x shards."""
-    from latro_jax.train import micro_batch_rows
+    from latro_jax.sharding import micro_batch_rows
 
     def mesh(data, fsdp, tensor):
         return jax.sharding.AbstractMesh((data, fsdp, tensor), ("data", "fsdp", "tensor"))

@@ -1,16 +1,13 @@
-"""Shared plumbing for the command-line tools: the repo on sys.path and clean error exits."""
+"""Shared plumbing for the command-line tools: clean error exits."""
 
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from latro_jax.config import ConfigError  # noqa: E402
-from latro_jax.convert.weights import WeightError  # noqa: E402
-from latro_jax.data.tasks import DataError  # noqa: E402
-from latro_jax.experiment import ExperimentError  # noqa: E402
+from latro_jax.config import ConfigError
+from latro_jax.convert.weights import WeightError
+from latro_jax.data.tasks import DataError
+from latro_jax.experiment import ExperimentError
 
 USER_ERRORS = (ConfigError, WeightError, DataError, ExperimentError, FileNotFoundError, FileExistsError)
 

@@ -18,7 +18,7 @@ max(FLOPs / matmul rate, bytes read / memory bandwidth). The matmul rate (a larg
 in the compute dtype) and the bandwidth (a large on-device copy) are measured in the same run. On
 CPU the FLOP term dominates; on a GPU a decode step's bytes (weights + KV cache) usually do.
 
-The train step is `train.update` with `train.latro_rows_loss` (policy forward+backward over
+The train step is `update.update` with `update.latro_rows_loss` (policy forward+backward over
 prompt+rationale+answer rows in micro-batches, then AdamW) beside transformers' forward,
 the same surrogate (-advantage x the rationale's summed log-probs / rows, LM head only past the
 prompt via `logits_to_keep`), `.backward()` per micro-batch and one `torch.optim.AdamW` step,
@@ -39,7 +39,6 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 # torch and JAX share the GPU: JAX must not reserve most of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -66,7 +65,7 @@ from latro_jax.experiment import OptimSpec  # noqa: E402
 from latro_jax.objective import ObjectiveConfig  # noqa: E402
 from latro_jax.sampling import SamplingConfig, sample_padded  # noqa: E402
 from latro_jax.scoring import token_logprobs  # noqa: E402
-from latro_jax.train import commit, latro_rows_loss, make_optimizer, update_jit  # noqa: E402
+from latro_jax.update import commit, latro_rows_loss, make_optimizer, update_jit  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,7 +375,7 @@ def hf_scorer(model, sequences: np.ndarray, device) -> Callable[[], torch.Tensor
 
 
 def train_rows(bench: BenchConfig, vocab_size: int, rng: np.random.Generator) -> dict:
-    """A batch of LaTRO rows as `train.update` takes them, all tokens real: [train_batch, train_len]
+    """A batch of LaTRO rows as `update.update` takes them, all tokens real: [train_batch, train_len]
     tokens and masks (prompt_len of prompt, then rationale, then train_answer_len of answer) and
     [train_batch] advantages."""
     n, length = bench.train_batch, bench.train_len
@@ -396,7 +395,7 @@ OPTIM = OptimSpec()
 
 
 def latro_train_step(config, params, rows: dict, micro_batch: int, score_from: int) -> Callable[[], float]:
-    """A call of the update program `train.run` runs (`train.update_jit`: LaTRO rows loss, AdamW)
+    """A call of the update program `train.run` runs (`update.update_jit`: LaTRO rows loss, AdamW)
     on `rows`, returning the loss before the step. `params` are donated: each call replaces them
     and the optimizer state."""
     optimizer = make_optimizer(OPTIM, updates=1_000_000)  # the learning rate barely decays over the timed calls

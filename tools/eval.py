@@ -20,7 +20,7 @@ def load(model: str, dtype: str):
     """(ModelConfig, params, tokenizer directory or hub id) for any of the accepted MODEL forms."""
     from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, load_model
     from latro_jax.convert.hf import convert_hf
-    from latro_jax.train import is_run_step, load_run_step
+    from latro_jax.runs import is_run_step, load_run_step
 
     if os.path.isfile(os.path.join(model, CONFIG_FILE)):
         config, params = load_model(model, dtype=dtype)

@@ -26,7 +26,7 @@ def main() -> None:
     import jax
 
     from latro_jax.convert.hf import export_hf, export_params
-    from latro_jax.train import is_run_step, load_run_step
+    from latro_jax.runs import is_run_step, load_run_step
 
     if is_run_step(args.checkpoint):
         step = load_run_step(args.checkpoint, device=jax.devices("cpu")[0])

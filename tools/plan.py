@@ -1,12 +1,12 @@
 """Per-device memory of an experiment's compiled programs on a mesh, without weights or devices.
 
     python tools/plan.py gsm8k_llama --mesh 1,8,1 --device-memory 80GB
-    python tools/plan.py gsm8k_llama --mesh 1,1,1 --device-memory 80GB --lora 16
+    python tools/plan.py gsm8k_llama model.lora_rank=16 mesh.fsdp=1 --device-memory 80GB
     python tools/plan.py gsm8k_phi --mesh 2,4,1 --device-memory 40GB rollout.max_new_tokens=300
     python tools/plan.py gsm8k_llama --model-config path/to/config.json --json plan.json
 
 Each program of a LaTRO update (the sampler `sampling.sample_padded`, the rollout scoring
-`train.score_rows`, the train step `train.update`) is lowered with abstract arguments
+`rollout.score_rows`, the train step `update.update`) is lowered with abstract arguments
 (`jax.ShapeDtypeStruct`s carrying the shardings of `latro_jax.sharding`), compiled, and its
 `memory_analysis()` read: per device, arguments + outputs - donated (aliased) + temporaries is the
 program's peak. Arrays that live across the program without being its arguments (AdamW's moments
@@ -29,9 +29,6 @@ import json
 import math
 import os
 import re
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 # Architecture shapes of the paper's models (their HF config.json, trimmed to what memory depends
 # on: rope scaling factors change values, not sizes, so they are left out).
@@ -85,30 +82,35 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", help="a name in experiments/ (e.g. gsm8k_llama)")
     parser.add_argument("overrides", nargs="*", help="section.field=value, as for make train")
-    parser.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor device counts (default 1,1,1)")
+    parser.add_argument("--mesh", help="data,fsdp,tensor device counts: mesh.data=, mesh.fsdp=, mesh.tensor= "
+                                       "(default: the experiment's mesh over the devices present)")
     parser.add_argument("--device-memory", default="80GB", help="memory of one device, e.g. 80GB or 80GiB")
     parser.add_argument("--model-config", help="an HF config.json (or its directory) instead of the preset")
-    parser.add_argument("--lora", type=int, metavar="RANK", help="train LoRA adapters of this rank on a frozen base")
+    parser.add_argument("--lora", type=int, metavar="RANK", help="model.lora_rank=RANK: LoRA adapters on a frozen base")
     parser.add_argument("--prompt-len", type=int, default=256, help="prompt slots (a bucket; default 256)")
     parser.add_argument("--answer-len", type=int, default=16, help="answer slots (a bucket; default 16)")
     parser.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
     args = parser.parse_intermixed_args(argv)
+    overrides = list(args.overrides)
     try:
-        mesh_shape = parse_mesh(args.mesh)
+        if args.mesh:
+            overrides += [f"mesh.{axis}={size}" for axis, size in zip(("data", "fsdp", "tensor"), parse_mesh(args.mesh))]
         device_memory = parse_bytes(args.device_memory)
     except ValueError as e:
         parser.error(str(e))
-    num_devices = math.prod(mesh_shape)
-    # Must precede JAX's start: the CPU then offers enough devices to simulate the mesh.
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_devices}"
-        ).strip()
+    if args.lora is not None:
+        overrides.append(f"model.lora_rank={args.lora}")
 
     from latro_jax.config import ModelConfig
     from latro_jax.experiment import load_experiment
 
-    exp = load_experiment(args.experiment, args.overrides)
+    exp = load_experiment(args.experiment, overrides)  # imports JAX, but starts no backend
+    sizes = (exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor)
+    # Must precede JAX's start: the CPU then offers enough devices to simulate a mesh of fixed size.
+    if -1 not in sizes and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={math.prod(sizes)}"
+        ).strip()
     if args.model_config:
         config = ModelConfig.from_hf(args.model_config)
     elif exp.model.hf in MODEL_SHAPES:
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         parser.error(f"no model shape for model.hf={exp.model.hf!r} model.checkpoint={exp.model.checkpoint!r}; "
                      f"pass --model-config <config.json> (presets: {', '.join(MODEL_SHAPES)})")
-    result = plan(exp, config, mesh_shape, device_memory, args.lora, args.prompt_len, args.answer_len)
+    result = plan(exp, config, device_memory, args.prompt_len, args.answer_len)
     print_plan(result)
     if args.json:
         with open(args.json, "w") as f:
@@ -127,31 +129,36 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, prompt_len: int, answer_len: int) -> dict:
-    """The per-device memory of each phase of an update of `exp` with model `config` on a mesh
-    of `mesh_shape` (data, fsdp, tensor) devices. Compiles abstractly; allocates no weights."""
+def plan(exp, config, device_memory: int, prompt_len: int, answer_len: int) -> dict:
+    """The per-device memory of each phase of an update of `exp` with model `config` on the
+    experiment's mesh (`exp.mesh`: an axis of -1 takes the devices present), full fine-tuning or
+    LoRA as `exp.model` says. Compiles abstractly; allocates no weights."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
     from latro_jax.model import abstract_params, graphdef
     from latro_jax.sampling import SamplingConfig, bucket, sample_padded
+    from latro_jax.lora import LoraRowsLoss, abstract_adapters, lora_config
     from latro_jax.sharding import (
-        MeshSpec, batch_shardings, batch_shards, cache_shardings, make_mesh, opt_state_shardings, param_shardings,
+        batch_shardings, batch_shards, cache_shardings, make_mesh, opt_state_shardings, param_shardings,
     )
-    from latro_jax.train import (
-        ANSWER_BUCKETS, Questions, latro_rows_loss, make_optimizer, micro_batch_rows, reference_dtype, score_rows,
-        update_jit,
-    )
+    from latro_jax.rollout import ANSWER_BUCKETS, Questions, score_rows
+    from latro_jax.sharding import micro_batch_rows
+    from latro_jax.update import latro_rows_loss, make_optimizer, policy_param_dtype, reference_dtype, update_jit
 
-    num_devices = math.prod(mesh_shape)
     devices = jax.devices()
-    if len(devices) < num_devices:
-        devices = jax.devices("cpu")
-    if len(devices) < num_devices:
-        raise ValueError(f"the mesh needs {num_devices} devices but {len(devices)} exist: start with "
-                         f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices}")
-    mesh = make_mesh(MeshSpec(*mesh_shape), devices=devices[:num_devices])
+    sizes = (exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor)
+    if -1 not in sizes:  # a mesh larger than the accelerators present: simulated on the CPU's devices
+        num_devices = math.prod(sizes)
+        if len(devices) < num_devices:
+            devices = jax.devices("cpu")
+        if len(devices) < num_devices:
+            raise ValueError(f"the mesh needs {num_devices} devices but {len(devices)} exist: start with "
+                             f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices}")
+        devices = devices[:num_devices]
+    mesh = make_mesh(exp.mesh, devices=devices)
+    mesh_shape = tuple(mesh.shape[axis] for axis in ("data", "fsdp", "tensor"))
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def placed(tree, shardings):
@@ -169,20 +176,19 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
     answer_len = bucket(answer_len, ANSWER_BUCKETS)
     length = prompt_len + exp.rollout.max_new_tokens + answer_len
     optimizer = make_optimizer(exp.optim, exp.train.updates)
-    train_config = config.replace(dtype=exp.model.dtype, param_dtype="float32", remat=exp.model.remat)  # as train.load_policy
-    lora = None
-    if lora_rank is None:
+    # as train.load_policy: full fine-tuning's float32 params, or a LoRA run's frozen base
+    train_config = config.replace(dtype=exp.model.dtype, param_dtype=policy_param_dtype(exp.model),
+                                  remat=exp.model.remat)
+    lora = lora_config(exp.model)
+    if lora is None:
         policy = abstract_params(train_config)
         policy = placed(policy, param_shardings(mesh, policy))
         trained = policy
-        reference = jax.tree.map(  # train.reference_params: pi_0 is a copy in the compute dtype
+        reference = jax.tree.map(  # update.reference_params: pi_0 is a copy in the compute dtype
             lambda a: jax.ShapeDtypeStruct(a.shape, reference_dtype(train_config, a.dtype), sharding=a.sharding), policy)
         sampled = policy
     else:
-        from latro_jax.lora import LoraConfig, LoraRowsLoss, abstract_adapters
-
-        lora = LoraConfig(rank=lora_rank)
-        base_config = train_config.replace(param_dtype="bfloat16")  # the frozen base, stored in bf16
+        base_config = train_config
         base = abstract_params(base_config)
         base = placed(base, param_shardings(mesh, base))
         # Adapters are ~0.5% of the params: replicated, so each device's update is local.
@@ -284,7 +290,7 @@ def plan(exp, config, mesh_shape, device_memory: int, lora_rank: int | None, pro
                   "hidden": config.hidden_size, "vocab": config.vocab_size, "compute_dtype": exp.model.dtype},
         "mesh": {"data": mesh_shape[0], "fsdp": mesh_shape[1], "tensor": mesh_shape[2],
                  "platform": devices[0].platform},
-        "lora_rank": lora_rank,
+        "lora_rank": exp.model.lora_rank,
         "shapes": {"questions": questions, "samples": k, "rows": n, "prompt_slots": prompt_len,
                    "generation_slots": steps, "answer_slots": answer_len, "row_length": length,
                    "micro_batch": micro_rows, "micro_batch_per_shard": exp.train.micro_batch,

@@ -31,7 +31,7 @@ import os
 
 import numpy as np
 
-from latro_jax.data.tasks import Example
+from latro_jax.data.example import Example
 
 VERSION = 3  # part of the cache key of a model pre-trained on these problems: bump on any change
 NAMES = ("Ann", "Ben", "Cal", "Dan", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo")

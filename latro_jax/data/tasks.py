@@ -16,13 +16,13 @@ Every row is checked; a malformed one raises `DataError` naming the file (or hub
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from latro_jax.data.example import Example
 from latro_jax.data.extraction import canonical_number
 
 GSM8K_HUB = ("openai/gsm8k", "main")
@@ -46,28 +46,6 @@ ARC_PROMPT = (
 
 class DataError(ValueError):
     """A malformed data row; the message names the file (or dataset), the 1-based line and the problem."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """One question.
-
-    question: the user message, before the chat template (GSM8K_PROMPT / ARC_PROMPT filled in).
-    answer: the gold answer (GSM8K: the number after "#### ", commas removed; ARC: the text of
-        the correct option); LaTRO appends "The answer is {answer}." after each rationale.
-    rationale: the SFT baseline's target, the GSM8K solution with "####" replaced by "The
-        answer is" (as the released SFT script: calculator annotations <<...>> kept, answer as
-        written upstream). None for ARC, which has no gold rationales.
-    options: ARC option texts in their listed order (for majority votes); () for GSM8K.
-    id: "gsm8k/{upstream split}/{0-based row}" or the ARC question id.
-    """
-
-    task: str
-    id: str
-    question: str
-    answer: str
-    rationale: str | None = None
-    options: tuple[str, ...] = ()
 
 
 def load_task(name: str, split: str, source: str | os.PathLike | None = None) -> list[Example]:
