@@ -62,6 +62,11 @@ def current_umask() -> int:
     return umask
 
 
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a latro-jax model checkpoint directory."""
+    return os.path.isfile(os.path.join(os.fspath(path), CONFIG_FILE))
+
+
 def refuse_existing(path: str | os.PathLike) -> None:
     """An output directory is never overwritten."""
     if os.path.exists(path):

@@ -39,7 +39,10 @@ class ModelSpec:
     remat: str = "none"
 
     def __post_init__(self):
-        object.__setattr__(self, "remat", remat_mode(self.remat))
+        try:
+            object.__setattr__(self, "remat", remat_mode(self.remat))
+        except ValueError as e:
+            raise ExperimentError(f"model.remat={self.remat!r} is invalid; {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +215,9 @@ def apply_overrides(exp: Experiment, overrides: list[str]) -> Experiment:
         value = _parse(text, hints[field], key)
         try:
             exp = dataclasses.replace(exp, **{section_name: dataclasses.replace(section, **{field: value})})
-        except ValueError as e:  # a section's own check (MeshSpec, ModelSpec.remat)
+        except ExperimentError:
+            raise
+        except ValueError as e:  # a section's own check (MeshSpec)
             raise ExperimentError(f"{key}={value!r} is invalid; {e}") from None
     return exp
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import jax
 
-from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, read_config, save_model
+from latro_jax.checkpoint import HF_DIR, is_checkpoint, read_config, save_model
 from latro_jax.config import ModelConfig
 from latro_jax.experiment import Experiment, ExperimentError, ModelSpec, OptimSpec, PretrainSpec, TrainSpec
 from latro_jax.model import init_params
@@ -80,7 +80,7 @@ def pretrained_base(exp: Experiment, train: Callable[..., dict], progress: bool 
     """The base model checkpoint of `exp` (pretrain.updates > 0), trained now unless cached, by
     `train` (`latro_jax.train.run`) as an SFT run."""
     path = pretrained_path(exp)
-    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    if is_checkpoint(path):
         return path
     if jax.process_count() > 1:  # every process would train (and write) the same model
         raise ExperimentError(
@@ -89,7 +89,7 @@ def pretrained_base(exp: Experiment, train: Callable[..., dict], progress: bool 
         )
     spec = exp.pretrain
     init = path + "-init"
-    if not os.path.isfile(os.path.join(init, CONFIG_FILE)):
+    if not is_checkpoint(init):
         with tempfile.TemporaryDirectory() as tokenizer_dir:
             tokenizer = _tokenizer_files(exp, tokenizer_dir)
             config = base_model_config(spec, tokenizer)

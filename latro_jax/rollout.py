@@ -187,8 +187,8 @@ def rollout(
     score_batch: int = 0,
     rollout_batch: int = 0,
 ) -> tuple[Rollout, SampleOutput]:
-    """Sample K rationales per question and score them (steps 1-3). `questions`: padded (see
-    `questions()`); `score_batch`: rows per reference forward (`score_rows`); `rollout_batch`:
+    """Sample K rationales per question and score them (steps 1-3). `questions`: padded
+    (`pad_questions`); `score_batch`: rows per reference forward (`score_rows`); `rollout_batch`:
     questions sampled and scored at a time (0 = all), so that one chunk's KV cache is alive at a
     time; the advantages are computed over all chunks together. The returned SampleOutput has
     no cache."""

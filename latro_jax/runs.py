@@ -1,26 +1,30 @@
 """A run directory and what is read back from it: config.json, checkpoints/ (the last N) and
 best/ (by validation greedy accuracy), metrics.jsonl, TensorBoard events, samples.txt,
-eval_<step>.json, and a saved step's model for `make eval` and `make export`."""
+eval_<step>.json, and a saved step's model for `make eval` and `make export`; how a run stops
+(SIGTERM, Ctrl-C) so that the same command resumes it."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import signal
 from typing import NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from tqdm.auto import tqdm
 
-from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, load_model, on_one_device, read_config
+from latro_jax.checkpoint import HF_DIR, is_checkpoint, load_model, on_one_device, read_config
 from latro_jax.config import ModelConfig
 from latro_jax.experiment import Experiment, ExperimentError, experiment_from_dict
 from latro_jax.lora import abstract_adapters, lora_config, merge
 from latro_jax.model import abstract_params
 from latro_jax.pretrain import pretrained_path
-from latro_jax.sharding import is_primary
+from latro_jax.sharding import global_max, is_primary
 from latro_jax.update import policy_param_dtype
 
 
@@ -58,10 +62,6 @@ def base_checkpoint(exp: Experiment) -> str:
     if exp.model.hf:
         return os.path.join(exp.run_dir, "base_model")
     return exp.model.checkpoint
-
-
-def is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
 def is_run_step(path: str | os.PathLike) -> bool:
@@ -277,3 +277,35 @@ class Checkpoints:
     def _args(self, step: int, state: dict):
         meta = {"step": step, "experiment": self.name}
         return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+
+
+class Interrupted(Exception):
+    """Raised after SIGTERM/Ctrl-C once the current update is finished and saved."""
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """SIGTERM and a first Ctrl-C ask the loop to stop after the current update (whose params
+    were donated, so it must finish to be saved); a second Ctrl-C aborts at once, unsaved.
+    Yields a dict whose "signal" is set when a stop was asked for."""
+    stop = {"signal": None}
+
+    def request(signum, _frame):
+        stop["signal"] = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        tqdm.write("stopping after this update and saving; Ctrl-C again aborts without saving")
+
+    previous = {s: signal.signal(s, request) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def asked_to_stop(stop: dict) -> bool:
+    """Whether any process was signalled to stop (a collective: every process stops together)."""
+    (stopping,) = global_max([stop["signal"] is not None])
+    if stopping and stop["signal"] is None:
+        stop["signal"] = "another process's"
+    return bool(stopping)

@@ -10,12 +10,10 @@ directory: checkpoints, logs, what a rerun resumes).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import os
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from latro_jax.checkpoint import HF_DIR, load_model
+from latro_jax.checkpoint import HF_DIR, is_checkpoint, load_model
 from latro_jax.config import ModelConfig
 from latro_jax.convert.hf import convert_hf
 from latro_jax.data.batches import Batches
@@ -36,7 +34,9 @@ from latro_jax.experiment import Experiment, ExperimentError, TrainSpec
 from latro_jax.lora import LoraConfig, LoraRowsLoss, init_adapters, lora_config, merge
 from latro_jax.pretrain import pretrained_base
 from latro_jax.rollout import rollout, rollout_samples
-from latro_jax.runs import Checkpoints, RunLog, base_checkpoint, is_checkpoint, start_run_dir
+from latro_jax.runs import (
+    Checkpoints, Interrupted, RunLog, asked_to_stop, base_checkpoint, start_run_dir, stop_requests,
+)
 from latro_jax.sampling import SamplingConfig
 from latro_jax.sharding import global_max, is_primary, make_mesh, micro_batch_rows, opt_state_shardings, to_host
 from latro_jax.update import (
@@ -45,38 +45,9 @@ from latro_jax.update import (
 )
 
 merge_jit = jax.jit(merge, static_argnums=0)
-
-
-class Interrupted(Exception):
-    """Raised after SIGTERM/Ctrl-C once the current update is finished and saved."""
-
-
-@contextlib.contextmanager
-def stop_requests():
-    """SIGTERM and a first Ctrl-C ask the loop to stop after the current update (whose params
-    were donated, so it must finish to be saved); a second Ctrl-C aborts at once, unsaved.
-    Yields a dict whose "signal" is set when a stop was asked for."""
-    stop = {"signal": None}
-
-    def request(signum, _frame):
-        stop["signal"] = signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        tqdm.write("stopping after this update and saving; Ctrl-C again aborts without saving")
-
-    previous = {s: signal.signal(s, request) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def asked_to_stop(stop: dict) -> bool:
-    """Whether any process was signalled to stop (a collective: every process stops together)."""
-    (stopping,) = global_max([stop["signal"] is not None])
-    if stopping and stop["signal"] is None:
-        stop["signal"] = "another process's"
-    return bool(stopping)
+# Random streams apart from the updates' fold_in(key, step), step < 2**31 - 2: the LoRA adapters'
+# initialisation, and the evaluations' (then folded with the step evaluated).
+ADAPTERS_STREAM, EVAL_STREAM = 2**31 - 2, 2**31 - 1
 
 
 def starting_checkpoint(exp: Experiment, progress: bool = True) -> str:
@@ -157,7 +128,7 @@ def set_up(exp: Experiment, tokenizer, progress: bool) -> tuple[Setup, dict]:
         base = params
         init = functools.partial(init_adapters, config, lora)
         replicated = NamedSharding(mesh, PartitionSpec())
-        params = jax.jit(init, out_shardings=replicated)(jax.random.fold_in(jax.random.key(t.seed), 2**31 - 2))
+        params = jax.jit(init, out_shardings=replicated)(jax.random.fold_in(jax.random.key(t.seed), ADAPTERS_STREAM))
     ref_params = None if sft else base if lora else reference_params(config, params)
     params_shardings = jax.tree.map(lambda x: x.sharding, params)
     opt_shardings = opt_state_shardings(mesh, optimizer, jax.eval_shape(optimizer.init, params), params_shardings)
@@ -168,19 +139,22 @@ def set_up(exp: Experiment, tokenizer, progress: bool) -> tuple[Setup, dict]:
     return setup, {"params": params, "opt_state": opt_state}
 
 
-def optimizer_step(setup: Setup, update_step, rows_loss, score_from: int, state: dict, rows: dict):
-    """One optimizer step of `update` on `rows`: the new state and the update's metrics."""
+def optimizer_step(setup: Setup, update_step, rows_loss, score_from: int, state: dict, rows: dict, started: float):
+    """One optimizer step of `update` on `rows`: the new state and the update's metrics, with the
+    real tokens per second since `started` (the batch in hand: rollout and update)."""
     exp = setup.exp
     if setup.lora:
         rows_loss = LoraRowsLoss(rows_loss, setup.lora)
-    started = time.perf_counter()
+    update_started = time.perf_counter()
     params, opt_state, metrics = update_step(setup.config, exp.objective, setup.optimizer, setup.micro_rows,
                                              rows_loss, score_from, state["params"], state["opt_state"], rows,
                                              setup.base)
     jax.block_until_ready(metrics["loss"])
+    now = time.perf_counter()
+    tokens = int(to_host(jnp.sum(rows["attention_mask"])))
     metrics = {k: float(v) for k, v in to_host(metrics).items()}
-    metrics.update(time_update_s=time.perf_counter() - started, micro_batch_rows=setup.micro_rows,
-                   tokens=int(to_host(jnp.sum(rows["attention_mask"]))))
+    metrics.update(time_update_s=now - update_started, tokens_per_s=tokens / (now - started),
+                   micro_batch_rows=setup.micro_rows)
     return {"params": params, "opt_state": opt_state}, metrics
 
 
@@ -189,17 +163,20 @@ def latro_step(setup: Setup, update_step, state: dict, step: int, key):
     on the surrogate loss. Returns the new state, the metrics and the rollout (for samples.txt)."""
     t = setup.exp.train
     questions = setup.batches(step)
+    started = time.perf_counter()
     scored, out = rollout(setup.config, setup.exp.objective, setup.sampling, setup.policy(state["params"]),
                           setup.ref_params, questions, jax.random.fold_in(key, step), t.score_batch, t.rollout_batch)
     rows = dict(tokens=scored.tokens, attention_mask=scored.attention_mask, rationale_mask=scored.rationale_mask,
                 answer_mask=scored.answer_mask, advantages=scored.advantages)
-    state, metrics = optimizer_step(setup, update_step, latro_rows_loss, int(out.prompt_slots), state, rows)
+    state, metrics = optimizer_step(setup, update_step, latro_rows_loss, int(out.prompt_slots), state, rows,
+                                    started)
     return state, {**{k: float(v) for k, v in to_host(scored.metrics).items()}, **metrics}, (scored, out)
 
 
 def sft_step(setup: Setup, update_step, state: dict, step: int, key):
     """The SFT baseline's update `step`: one optimizer step on the gold completions."""
-    state, metrics = optimizer_step(setup, update_step, sft_rows_loss, 1, state, setup.batches(step))
+    rows = setup.batches(step)
+    state, metrics = optimizer_step(setup, update_step, sft_rows_loss, 1, state, rows, time.perf_counter())
     return state, metrics, None
 
 
@@ -223,7 +200,7 @@ def evaluate_step(setup: Setup, state: dict, step: int, log: RunLog, checkpoints
     """Evaluate update `step`'s params (saved already): logs, best/, then eval_<step>.json, written
     last: its presence says that the evaluation of `step` is complete."""
     exp = setup.exp
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(exp.train.seed), 2**31 - 1), step)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(exp.train.seed), EVAL_STREAM), step)
     result = evaluate(setup.config, setup.policy(state["params"]), setup.tokenizer, setup.fmt, setup.eval_set,
                       exp.data.task, exp.rollout.max_new_tokens, exp.train.maj_k, key,
                       progress=progress and is_primary())
@@ -265,10 +242,8 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                 if asked_to_stop(stop):  # during it
                     raise Interrupted(f"stopped after evaluating update {step}; rerun the same command to resume")
             while step < t.updates:
-                started = time.perf_counter()
                 state, metrics, samples = train_step(setup, update_step, state, step, key)
-                metrics.update(tokens_per_s=metrics.pop("tokens") / (time.perf_counter() - started),
-                               lr=learning_rate(exp.optim, t.updates, applied))
+                metrics["lr"] = learning_rate(exp.optim, t.updates, applied)
                 applied += not metrics["skipped"]
                 if metrics["skipped"] and is_primary():
                     tqdm.write(f"update {step}: non-finite loss or gradient; update skipped (params unchanged)")

@@ -12,7 +12,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -23,19 +22,18 @@ from latro_jax.scoring import masked_sum, token_logprobs
 from latro_jax.sharding import micro_batches, to_host
 
 
-# SFT rows pad to a power of two or 1.5 times one: at most a third of a row is padding (not half),
-# for about twice the programs of powers of two alone.
-SFT_BUCKETS = tuple(sorted({b for p in range(4, 14) for b in (2**p, 3 * 2 ** (p - 1))}))
+def schedule(spec: OptimSpec, updates: int) -> optax.Schedule:
+    """The learning rate at each applied update: linear decay to 0 after an optional linear warm-up."""
+    decay = optax.linear_schedule(spec.learning_rate, 0.0, updates - spec.warmup_steps)
+    if not spec.warmup_steps:
+        return decay
+    warmup = optax.linear_schedule(0.0, spec.learning_rate, spec.warmup_steps)
+    return optax.join_schedules([warmup, decay], [spec.warmup_steps])
 
 
 def make_optimizer(spec: OptimSpec, updates: int) -> optax.GradientTransformation:
-    """AdamW with linear decay to 0 after an optional linear warm-up; optional global-norm clipping."""
-    decay = optax.linear_schedule(spec.learning_rate, 0.0, updates - spec.warmup_steps)
-    schedule = decay
-    if spec.warmup_steps:
-        warmup = optax.linear_schedule(0.0, spec.learning_rate, spec.warmup_steps)
-        schedule = optax.join_schedules([warmup, decay], [spec.warmup_steps])
-    adamw = optax.adamw(schedule, b1=spec.b1, b2=spec.b2, eps=spec.eps, weight_decay=spec.weight_decay)
+    """AdamW on `schedule`; optional global-norm clipping."""
+    adamw = optax.adamw(schedule(spec, updates), b1=spec.b1, b2=spec.b2, eps=spec.eps, weight_decay=spec.weight_decay)
     if spec.clip_norm:
         return optax.chain(optax.clip_by_global_norm(spec.clip_norm), adamw)
     return adamw
@@ -50,9 +48,8 @@ def applied_updates(opt_state) -> int:
 
 
 def learning_rate(spec: OptimSpec, updates: int, step: int) -> float:
-    if step < spec.warmup_steps:
-        return spec.learning_rate * step / spec.warmup_steps
-    return spec.learning_rate * max(0.0, 1 - (step - spec.warmup_steps) / (updates - spec.warmup_steps))
+    """The rate the optimizer applies at its `step` (`applied_updates`), for the logs."""
+    return float(schedule(spec, updates)(step))
 
 
 def latro_rows_loss(config, objective, num_rows, score_from, params, rows):
@@ -70,19 +67,6 @@ def sft_rows_loss(config, objective, num_rows, score_from, params, rows):
     nll = -jnp.sum(masked_sum(logprobs, rows["completion_mask"])) / num_rows
     tokens = jnp.sum(rows["completion_mask"])
     return nll, {"sft_loss": jax.lax.stop_gradient(nll), "completion_tokens": tokens}
-
-
-def sft_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int, slots: int) -> dict:
-    """Prompt + completion, left-aligned and right-padded to `slots`; the loss is on the completion."""
-    n = len(prompts)
-    tokens = np.full((n, slots), pad_id, np.int32)
-    completion_mask = np.zeros((n, slots), bool)
-    attention_mask = np.zeros((n, slots), bool)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        tokens[i, : len(p) + len(c)] = p + c
-        attention_mask[i, : len(p) + len(c)] = True
-        completion_mask[i, len(p) : len(p) + len(c)] = True
-    return {"tokens": tokens, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
 def update(config, objective, optimizer, micro_batch, rows_loss, score_from, params, opt_state, rows, frozen=None):

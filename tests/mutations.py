@@ -2,11 +2,13 @@
 fail. Each runs in a private copy of the working tree (never this checkout), so it is safe
 beside other work:
 
-    .venv/bin/python tests/mutations.py                 # every mutation (~15 minutes here)
+    .venv/bin/python tests/mutations.py                 # every mutation (~10 minutes here)
     .venv/bin/python tests/mutations.py --list
-    .venv/bin/python tests/mutations.py batch_indices_repeat best_keeps_last
+    .venv/bin/python tests/mutations.py batch_indices_repeat_at_epoch_boundary best_keeps_the_last
 
-A mutation whose tests still pass is reported as SURVIVED, and the exit status is 1. Not part of
+The named tests first run unmutated and must pass. A mutation is killed when its tests fail
+(pytest's status 1); one whose tests pass is SURVIVED, and any other status (a collection error,
+a test that no longer exists) is an ERROR; either makes the exit status 1. Not part of
 `make test`: it reruns parts of the suite once per mutation.
 """
 
@@ -98,7 +100,7 @@ MUTATIONS = (
         ("tests/test_batches.py::test_each_epoch_draws_every_example_once",),
     ),
     Mutation(
-        "sft_mask_includes_prompt", "latro_jax/update.py",
+        "sft_mask_includes_prompt", "latro_jax/data/batches.py",
         "        completion_mask[i, len(p) : len(p) + len(c)] = True",
         "        completion_mask[i, : len(p) + len(c)] = True",
         ("tests/test_batches.py::test_sft_rows_fed_to_the_update",),
@@ -147,8 +149,8 @@ MUTATIONS = (
     ),
     Mutation(
         "lr_decay_off_by_one", "latro_jax/update.py",
-        "1 - (step - spec.warmup_steps) / (updates - spec.warmup_steps)",
-        "1 - (step + 1 - spec.warmup_steps) / (updates - spec.warmup_steps)",
+        "    decay = optax.linear_schedule(spec.learning_rate, 0.0, updates - spec.warmup_steps)",
+        "    decay = optax.linear_schedule(spec.learning_rate, 0.0, updates - spec.warmup_steps + 1)",
         ("tests/test_run_loop.py::test_logged_learning_rate_is_optax_schedule_without_warmup",),
     ),
     Mutation(
@@ -200,12 +202,12 @@ def apply(root: str, mutation: Mutation) -> None:
         f.write(text.replace(mutation.old, mutation.new))
 
 
-def run_tests(root: str, tests: tuple[str, ...]) -> tuple[bool, str]:
+def run_tests(root: str, tests: tuple[str, ...]) -> tuple[int, str]:
     env = {**os.environ, "LATRO_TEST_DATA": DATA, "PYTHONPATH": root}  # the mutated copy, not the installed one
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=root,
                           env=env, capture_output=True, text=True)
     summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
-    return done.returncode == 0, summary
+    return done.returncode, summary
 
 
 def main() -> int:
@@ -222,19 +224,28 @@ def main() -> int:
     if unknown:
         print(f"unknown mutation(s): {', '.join(unknown)}; see --list", file=sys.stderr)
         return 2
-    survived = []
-    for mutation in [known[n] for n in args.names] or MUTATIONS:
+    chosen = [known[n] for n in args.names] or list(MUTATIONS)
+    # The named tests must pass on the tree as it is, or a failure would say nothing of a mutation.
+    with tempfile.TemporaryDirectory(prefix="latro-mutation-") as root:
+        copy_tree(root)
+        status, summary = run_tests(root, tuple(dict.fromkeys(t for m in chosen for t in m.tests)))
+    print(f"baseline (no mutation): {summary}", flush=True)
+    if status != 0:
+        print("the named tests do not pass unmutated: fix them first", file=sys.stderr)
+        return 1
+    survived, broken = [], []
+    for mutation in chosen:
         with tempfile.TemporaryDirectory(prefix="latro-mutation-") as root:
             copy_tree(root)
             apply(root, mutation)
             started = time.perf_counter()
-            passed, summary = run_tests(root, mutation.tests)
-        verdict = "SURVIVED" if passed else "killed"
+            status, summary = run_tests(root, mutation.tests)
+        # pytest: 1 = tests failed; 0 = all passed; anything else (collection error, no such test) says nothing
+        verdict = {0: "SURVIVED", 1: "killed"}.get(status, "ERROR")
         print(f"{verdict:8s} {mutation.name} ({time.perf_counter() - started:.0f} s): {summary}", flush=True)
-        if passed:
-            survived.append(mutation.name)
-    if survived:
-        print(f"{len(survived)} mutation(s) survived: {', '.join(survived)}", file=sys.stderr)
+        (survived if status == 0 else broken if status != 1 else []).append(mutation.name)
+    if survived or broken:
+        print(f"survived: {', '.join(survived) or 'none'}; errors: {', '.join(broken) or 'none'}", file=sys.stderr)
         return 1
     return 0
 

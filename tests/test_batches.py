@@ -23,8 +23,8 @@ import pytest
 
 from latro_jax import train
 from latro_jax.experiment import load_experiment
-from latro_jax.data.batches import batch_indices
-from latro_jax.update import sft_rows, sft_rows_loss
+from latro_jax.data.batches import batch_indices, sft_rows
+from latro_jax.update import sft_rows_loss
 from test_experiments import stand_ins, tiny  # noqa: F401 (stand_ins: a fixture)
 
 # ---- batch_indices -----------------------------------------------------------------------------

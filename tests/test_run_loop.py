@@ -62,7 +62,7 @@ def assert_same_params(a, b):
 
 def optimizer_counts(opt_state) -> set[int]:
     """Every `count` in an optax state (Adam's moments' and the schedule's), read independently of
-    train.applied_updates."""
+    update.applied_updates."""
     return {int(np.asarray(leaf)) for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]
             if getattr(path[-1], "name", None) == "count"}
 

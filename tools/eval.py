@@ -18,11 +18,11 @@ import _cli
 
 def load(model: str, dtype: str):
     """(ModelConfig, params, tokenizer directory or hub id) for any of the accepted MODEL forms."""
-    from latro_jax.checkpoint import CONFIG_FILE, HF_DIR, load_model
+    from latro_jax.checkpoint import HF_DIR, is_checkpoint, load_model
     from latro_jax.convert.hf import convert_hf
     from latro_jax.runs import is_run_step, load_run_step
 
-    if os.path.isfile(os.path.join(model, CONFIG_FILE)):
+    if is_checkpoint(model):
         config, params = load_model(model, dtype=dtype)
         return config, params, os.path.join(model, HF_DIR)
     if is_run_step(model):  # runs/<exp>/<best|checkpoints>/<step>: the params only, onto one device

@@ -11,6 +11,7 @@ set -u -o pipefail
 out=${1:?usage: bash tools/gpu_bench.sh OUTDIR [SECONDS]}
 budget=${2:-580}
 mkdir -p "$out"
+# A device machine may run the bare checkout with its own python (no `make setup`): latro_jax from here.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 start=$SECONDS

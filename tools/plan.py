@@ -137,14 +137,15 @@ def plan(exp, config, device_memory: int, prompt_len: int, answer_len: int) -> d
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from latro_jax.model import abstract_params, graphdef
-    from latro_jax.sampling import SamplingConfig, bucket, sample_padded
+    from latro_jax.experiment import ExperimentError
     from latro_jax.lora import LoraRowsLoss, abstract_adapters, lora_config
-    from latro_jax.sharding import (
-        batch_shardings, batch_shards, cache_shardings, make_mesh, opt_state_shardings, param_shardings,
-    )
+    from latro_jax.model import abstract_params, graphdef
     from latro_jax.rollout import ANSWER_BUCKETS, Questions, score_rows
-    from latro_jax.sharding import micro_batch_rows
+    from latro_jax.sampling import SamplingConfig, bucket, sample_padded
+    from latro_jax.sharding import (
+        batch_shardings, batch_shards, cache_shardings, make_mesh, micro_batch_rows, opt_state_shardings,
+        param_shardings,
+    )
     from latro_jax.update import latro_rows_loss, make_optimizer, policy_param_dtype, reference_dtype, update_jit
 
     devices = jax.devices()
@@ -154,10 +155,13 @@ def plan(exp, config, device_memory: int, prompt_len: int, answer_len: int) -> d
         if len(devices) < num_devices:
             devices = jax.devices("cpu")
         if len(devices) < num_devices:
-            raise ValueError(f"the mesh needs {num_devices} devices but {len(devices)} exist: start with "
-                             f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices}")
+            raise ExperimentError(f"the mesh needs {num_devices} devices but {len(devices)} exist: start with "
+                                  f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices}")
         devices = devices[:num_devices]
-    mesh = make_mesh(exp.mesh, devices=devices)
+    try:
+        mesh = make_mesh(exp.mesh, devices=devices)
+    except ValueError as e:
+        raise ExperimentError(f"mesh: {e} (mesh.data, mesh.fsdp, mesh.tensor)") from None
     mesh_shape = tuple(mesh.shape[axis] for axis in ("data", "fsdp", "tensor"))
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -170,7 +174,7 @@ def plan(exp, config, device_memory: int, prompt_len: int, answer_len: int) -> d
     k, questions = exp.rollout.num_samples, exp.train.questions_per_update
     n = questions * k
     micro_rows = micro_batch_rows(exp.train.micro_batch, n, mesh)  # as train.run: train.micro_batch per batch shard
-    chunk = min(exp.train.rollout_batch or questions, questions)  # questions sampled and scored at a time, as train.rollout
+    chunk = min(exp.train.rollout_batch or questions, questions)  # questions sampled and scored at a time, as rollout.rollout
     chunk_rows = chunk * k
     steps = bucket(exp.rollout.max_new_tokens, SamplingConfig().length_buckets)
     answer_len = bucket(answer_len, ANSWER_BUCKETS)
@@ -188,8 +192,7 @@ def plan(exp, config, device_memory: int, prompt_len: int, answer_len: int) -> d
             lambda a: jax.ShapeDtypeStruct(a.shape, reference_dtype(train_config, a.dtype), sharding=a.sharding), policy)
         sampled = policy
     else:
-        base_config = train_config
-        base = abstract_params(base_config)
+        base = abstract_params(train_config)
         base = placed(base, param_shardings(mesh, base))
         # Adapters are ~0.5% of the params: replicated, so each device's update is local.
         trained = replicate(abstract_adapters(config, lora))
@@ -216,14 +219,12 @@ def plan(exp, config, device_memory: int, prompt_len: int, answer_len: int) -> d
         "rationale_mask": ((n, length), jnp.bool_), "answer_mask": ((n, length), jnp.bool_),
         "advantages": ((n,), jnp.float32),
     })
-    compute_config = train_config if lora is None else base_config
     # model.graphdef builds the module abstractly, which fails under a mesh lacking the logical
     # axis names; built once here (it is cached), the programs below reuse it.
-    for c in {train_config, compute_config}:
-        graphdef(c)
+    graphdef(train_config)
 
     with jax.set_mesh(mesh):
-        sampler_args = (compute_config, sampling, steps, sampled, prompts["tokens"], prompts["mask"], rng, limit)
+        sampler_args = (train_config, sampling, steps, sampled, prompts["tokens"], prompts["mask"], rng, limit)
         out = jax.eval_shape(sample_padded, *sampler_args)
         # sample() trims the generation bucket to max_new_tokens; the cache keeps its slots.
         trimmed = (chunk_rows, exp.rollout.max_new_tokens)
@@ -240,13 +241,13 @@ def plan(exp, config, device_memory: int, prompt_len: int, answer_len: int) -> d
                                                "prompt_mask": ((chunk, prompt_len), jnp.bool_),
                                                "answers": ((chunk, answer_len), jnp.int32),
                                                "answer_lengths": ((chunk,), jnp.int32)}))
-        score_args = (compute_config, sampled, reference, out, chunk_questions)
+        score_args = (train_config, sampled, reference, out, chunk_questions)
         if lora is None:
             update_args = (train_config, exp.objective, optimizer, micro_rows, latro_rows_loss, prompt_len,
                            trained, opt_state, rows)
             update_kwargs = {}
         else:
-            update_args = (base_config, exp.objective, optimizer, micro_rows,
+            update_args = (train_config, exp.objective, optimizer, micro_rows,
                            LoraRowsLoss(latro_rows_loss, lora), prompt_len, trained, opt_state, rows)
             update_kwargs = {"frozen": base}
         programs = {

@@ -71,10 +71,10 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike) -> PreTrainedTokenizerBase
     """AutoTokenizer for an HF directory, a hub id, or a latro-jax checkpoint (its hf/ folder)."""
     from transformers import AutoTokenizer
 
-    from latro_jax.checkpoint import CONFIG_FILE, HF_DIR
+    from latro_jax.checkpoint import HF_DIR, is_checkpoint
 
     path = os.fspath(path_or_hub_id)
-    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    if is_checkpoint(path):
         path = os.path.join(path, HF_DIR)
     return AutoTokenizer.from_pretrained(path)
 
