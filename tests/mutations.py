@@ -143,8 +143,8 @@ MUTATIONS = (
     ),
     Mutation(
         "lr_from_the_update_index", "latro_jax/train.py",
-        "lr=learning_rate(exp.optim, t.updates, applied))",
-        "lr=learning_rate(exp.optim, t.updates, step))",
+        'metrics["lr"] = learning_rate(exp.optim, t.updates, applied)',
+        'metrics["lr"] = learning_rate(exp.optim, t.updates, step)',
         ("tests/test_run_loop.py::test_a_skipped_update_leaves_params_and_the_schedule_where_they_were",),
     ),
     Mutation(
@@ -172,7 +172,7 @@ MUTATIONS = (
         ("tests/test_run_loop.py::test_model_hf_is_converted_into_the_run_once",),
     ),
     Mutation(
-        "sigterm_not_handled", "latro_jax/train.py",
+        "sigterm_not_handled", "latro_jax/runs.py",
         "for s in (signal.SIGTERM, signal.SIGINT)}",
         "for s in (signal.SIGINT,)}",
         ("tests/test_run_loop.py::test_sigterm_and_ctrl_c_save_exit_130_and_the_same_command_resumes",),
@@ -225,6 +225,12 @@ def main() -> int:
         print(f"unknown mutation(s): {', '.join(unknown)}; see --list", file=sys.stderr)
         return 2
     chosen = [known[n] for n in args.names] or list(MUTATIONS)
+    for mutation in chosen:  # each still names one place in the code, before anything runs
+        with open(os.path.join(REPO, mutation.path)) as f:
+            if f.read().count(mutation.old) != 1:
+                print(f"{mutation.name}: its text does not occur exactly once in {mutation.path}: update "
+                      "tests/mutations.py", file=sys.stderr)
+                return 2
     # The named tests must pass on the tree as it is, or a failure would say nothing of a mutation.
     with tempfile.TemporaryDirectory(prefix="latro-mutation-") as root:
         copy_tree(root)
