@@ -40,7 +40,7 @@ from latro_jax.runs import (
 from latro_jax.sampling import SamplingConfig
 from latro_jax.sharding import global_max, is_primary, make_mesh, micro_batch_rows, opt_state_shardings, to_host
 from latro_jax.update import (
-    applied_updates, commit, latro_rows_loss, learning_rate, make_optimizer, policy_param_dtype, reference_params,
+    applied_updates, commit, latro_rows_loss, make_optimizer, policy_param_dtype, reference_params, schedule,
     sft_rows_loss, update_jit,
 )
 
@@ -92,6 +92,7 @@ class Setup:
     fmt: PromptFormat
     sampling: SamplingConfig
     optimizer: Any
+    schedule: Any  # the optimizer's learning rate at its applied-update count, for the logs
     lora: LoraConfig | None
     base: Any  # LoRA: the frozen base params, which are also pi_0; else None
     ref_params: Any  # pi_0 (None for SFT)
@@ -134,14 +135,17 @@ def set_up(exp: Experiment, tokenizer, progress: bool) -> tuple[Setup, dict]:
     opt_shardings = opt_state_shardings(mesh, optimizer, jax.eval_shape(optimizer.init, params), params_shardings)
     params, opt_state = commit((params, jax.jit(optimizer.init, out_shardings=opt_shardings)(params)))
     rows = t.questions_per_update * (1 if sft else exp.rollout.num_samples)
-    setup = Setup(exp, mesh, config, tokenizer, fmt, sampling, optimizer, lora, base, ref_params,
+    setup = Setup(exp, mesh, config, tokenizer, fmt, sampling, optimizer, schedule(exp.optim, t.updates), lora, base,
+                  ref_params,
                   micro_batch_rows(t.micro_batch, rows, mesh), Batches(exp, tokenizer, fmt, mesh, sampling), eval_set)
     return setup, {"params": params, "opt_state": opt_state}
 
 
-def optimizer_step(setup: Setup, update_step, rows_loss, score_from: int, state: dict, rows: dict, started: float):
-    """One optimizer step of `update` on `rows`: the new state and the update's metrics, with the
-    real tokens per second since `started` (the batch in hand: rollout and update)."""
+def optimizer_step(setup: Setup, update_step, rows_loss, score_from: int, state: dict, rows: dict, started: float,
+                   rollout_metrics: dict | None = None):
+    """One optimizer step of `update` on `rows`: the new state and the metrics (`rollout_metrics`
+    and the update's, read from the devices together), with the real tokens per second since
+    `started` (the batch in hand: rollout and update)."""
     exp = setup.exp
     if setup.lora:
         rows_loss = LoraRowsLoss(rows_loss, setup.lora)
@@ -151,9 +155,9 @@ def optimizer_step(setup: Setup, update_step, rows_loss, score_from: int, state:
                                              setup.base)
     jax.block_until_ready(metrics["loss"])
     now = time.perf_counter()
-    tokens = int(to_host(jnp.sum(rows["attention_mask"])))
-    metrics = {k: float(v) for k, v in to_host(metrics).items()}
-    metrics.update(time_update_s=now - update_started, tokens_per_s=tokens / (now - started),
+    metrics, tokens = to_host(({**(rollout_metrics or {}), **metrics}, jnp.sum(rows["attention_mask"])))
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics.update(time_update_s=now - update_started, tokens_per_s=int(tokens) / (now - started),
                    micro_batch_rows=setup.micro_rows)
     return {"params": params, "opt_state": opt_state}, metrics
 
@@ -169,8 +173,8 @@ def latro_step(setup: Setup, update_step, state: dict, step: int, key):
     rows = dict(tokens=scored.tokens, attention_mask=scored.attention_mask, rationale_mask=scored.rationale_mask,
                 answer_mask=scored.answer_mask, advantages=scored.advantages)
     state, metrics = optimizer_step(setup, update_step, latro_rows_loss, int(out.prompt_slots), state, rows,
-                                    started)
-    return state, {**{k: float(v) for k, v in to_host(scored.metrics).items()}, **metrics}, (scored, out)
+                                    started, scored.metrics)
+    return state, metrics, (scored, out)
 
 
 def sft_step(setup: Setup, update_step, state: dict, step: int, key):
@@ -243,7 +247,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                     raise Interrupted(f"stopped after evaluating update {step}; rerun the same command to resume")
             while step < t.updates:
                 state, metrics, samples = train_step(setup, update_step, state, step, key)
-                metrics["lr"] = learning_rate(exp.optim, t.updates, applied)
+                metrics["lr"] = float(setup.schedule(applied))
                 applied += not metrics["skipped"]
                 if metrics["skipped"] and is_primary():
                     tqdm.write(f"update {step}: non-finite loss or gradient; update skipped (params unchanged)")

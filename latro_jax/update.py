@@ -47,11 +47,6 @@ def applied_updates(opt_state) -> int:
     return int(to_host(counts[0]))
 
 
-def learning_rate(spec: OptimSpec, updates: int, step: int) -> float:
-    """The rate the optimizer applies at its `step` (`applied_updates`), for the logs."""
-    return float(schedule(spec, updates)(step))
-
-
 def latro_rows_loss(config, objective, num_rows, score_from, params, rows):
     """The surrogate loss of some rows of a Rollout (a micro-batch); the prompt fills the slots
     before `score_from`."""

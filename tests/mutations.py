@@ -143,8 +143,8 @@ MUTATIONS = (
     ),
     Mutation(
         "lr_from_the_update_index", "latro_jax/train.py",
-        'metrics["lr"] = learning_rate(exp.optim, t.updates, applied)',
-        'metrics["lr"] = learning_rate(exp.optim, t.updates, step)',
+        '                metrics["lr"] = float(setup.schedule(applied))',
+        '                metrics["lr"] = float(setup.schedule(step))',
         ("tests/test_run_loop.py::test_a_skipped_update_leaves_params_and_the_schedule_where_they_were",),
     ),
     Mutation(
