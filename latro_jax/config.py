@@ -24,6 +24,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 #                attention scores and elementwise work (at Llama-3.1-8B's shape ~78 KB per token
 #                per layer in bfloat16; nearly the compute of `none`)
 REMAT_MODES = ("none", "full", "projections")
+# How attention over a whole sequence (the prefill, scoring, the training forward) is computed
+# (ModelConfig.attention); decode steps read the KV cache in blocks either way (model._attend_cache):
+#   xla    this project's einsums, the same on every backend
+#   cudnn  jax.nn.dot_product_attention's cuDNN flash attention (NVIDIA GPUs; bfloat16 or float16,
+#          head_dim a multiple of 8 up to 128). Not yet checked on a GPU: hence not the default.
+ATTENTION_MODES = ("xla", "cudnn")
 
 
 def remat_mode(value: bool | str) -> str:
@@ -68,6 +74,7 @@ class ModelConfig:
     `sliding_windows` has one entry per layer: the window in tokens, or None for full attention.
     `dtype` is the compute dtype, `param_dtype` the dtype parameters are stored in. `remat`
     trades compute for memory in gradients: what the backward pass recomputes (REMAT_MODES).
+    `attention`: which kernel computes attention over a whole sequence (ATTENTION_MODES).
     """
 
     model_type: str
@@ -92,6 +99,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | projections: see REMAT_MODES
+    attention: str = "xla"  # xla | cudnn: see ATTENTION_MODES
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -106,6 +114,8 @@ class ModelConfig:
             object.__setattr__(self, "remat", remat_mode(self.remat))
         except ValueError as e:
             raise ConfigError(f"remat={self.remat!r}; {e}") from None
+        if self.attention not in ATTENTION_MODES:
+            raise ConfigError(f"attention={self.attention!r}; allowed: {', '.join(ATTENTION_MODES)}")
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ConfigError(f"{field}={getattr(self, field)!r}; allowed: {', '.join(DTYPES)}")

@@ -13,7 +13,7 @@ import os
 import sys
 import typing
 
-from latro_jax.config import remat_mode
+from latro_jax.config import ATTENTION_MODES, remat_mode
 from latro_jax.data.tasks import SPLITS
 from latro_jax.objective import ObjectiveConfig
 from latro_jax.sharding import DistributedSpec, MeshSpec
@@ -37,12 +37,18 @@ class ModelSpec:
     # what the backward pass recomputes: none | full (each layer; least memory, ~1/3 more compute) |
     # projections (keeps each layer's projection outputs; recomputes attention and elementwise work)
     remat: str = "none"
+    # attention over whole sequences (prefill, scoring, training): xla | cudnn (NVIDIA GPUs, bfloat16)
+    attention: str = "xla"
 
     def __post_init__(self):
         try:
             object.__setattr__(self, "remat", remat_mode(self.remat))
         except ValueError as e:
             raise ExperimentError(f"model.remat={self.remat!r} is invalid; {e}") from None
+        if self.attention not in ATTENTION_MODES:
+            raise ExperimentError(
+                f"model.attention={self.attention!r} is invalid; allowed: {', '.join(ATTENTION_MODES)}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -144,7 +144,9 @@ class KVCache(NamedTuple):
     attention contractions read the cache in place (a [batch, max_len, kv_heads, ...] layout makes
     XLA transpose the whole cache of every layer at every decode step).
     positions: [batch, max_len] int32, the position of the token in each slot; -1 = empty or padding.
-    index: [] int32, the next slot to write (all rows write the same slot: prompts are padded).
+    index: [] int32, the next slot to write (all rows write the same slot: prompts are padded); the
+    Python int 0 in a fresh cache (`init_cache`), so that the first forward (a prefill) knows at
+    trace time that nothing is cached and attends over its own tokens only.
     Callers size max_len for everything they will write: a write past the end is clamped by
     XLA (it would overwrite the last slots), so the sampler allocates prompt + generation + room.
     """
@@ -162,7 +164,19 @@ def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
         k=tuple(constrain(jnp.zeros(shape, dtype), CACHE_KV) for _ in range(config.num_layers)),
         v=tuple(constrain(jnp.zeros(shape, dtype), CACHE_KV) for _ in range(config.num_layers)),
         positions=constrain(jnp.full((batch, max_len), -1, jnp.int32), CACHE_POSITIONS),
-        index=jnp.zeros((), jnp.int32),
+        index=0,
+    )
+
+
+def grow_cache(cache: KVCache, max_len: int) -> KVCache:
+    """The cache with empty slots appended up to `max_len` (a copy, made one layer at a time: each
+    layer's old arrays are dead once copied)."""
+    extra = max_len - cache.positions.shape[1]
+    grow = functools.partial(jnp.pad, pad_width=((0, 0), (0, 0), (0, extra), (0, 0)))
+    return cache._replace(
+        k=tuple(constrain(grow(k), CACHE_KV) for k in cache.k),
+        v=tuple(constrain(grow(v), CACHE_KV) for v in cache.v),
+        positions=constrain(jnp.pad(cache.positions, ((0, 0), (0, extra)), constant_values=-1), CACHE_POSITIONS),
     )
 
 
@@ -220,24 +234,41 @@ def _remat(config: ModelConfig, layer_fn, **checkpoint_args):
     return jax.checkpoint(layer_fn, policy=_REMAT_POLICIES[config.remat], **checkpoint_args)
 
 
-def _attend(q, k, v, q_pos, k_pos, window: int | None) -> jax.Array:
-    """q: [B, T, H, D]; k, v: [B, KV, S, D]; q_pos [B, T], k_pos [B, S] (-1 = not attendable)."""
+def _allowed(q_pos: jax.Array, k_pos: jax.Array, window) -> jax.Array:
+    """Which keys each query may attend to: [B, T, S] from q_pos [B, T] and k_pos [B, S] (-1 =
+    empty or padding). `window`: None = full attention; a layer's traced int under a scan (0 = full)."""
+    allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+    if isinstance(window, jax.Array):
+        allowed &= (window <= 0) | (k_pos[:, None, :] > q_pos[:, :, None] - window)
+    elif window is not None:
+        allowed &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    return allowed
+
+
+def _attend(q, k, v, q_pos, k_pos, window) -> jax.Array:
+    """q: [B, T, H, D]; k, v: [B, KV, S, D]; q_pos [B, T], k_pos [B, S] -> [B, T, H, D]."""
     b, t, h, d = q.shape
     kv = k.shape[1]
     q = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
-    allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
-    if isinstance(window, jax.Array):  # a layer of a scan: 0 = full attention
-        allowed &= (window <= 0) | (k_pos[:, None, :] > q_pos[:, :, None] - window)
-    elif window is not None:
-        allowed &= k_pos[:, None, :] > q_pos[:, :, None] - window
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(_allowed(q_pos, k_pos, window)[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
 
 
+def _attend_fused(q, k, v, q_pos, window, implementation: str) -> jax.Array:
+    """`jax.nn.dot_product_attention` of a whole sequence over itself (no cache): q [B, T, H, D],
+    k, v [B, T, KV, D] -> [B, T, H, D]. The mask holds the padding, causality and window (by
+    positions, as `_attend`); cuDNN takes it as an additive bias."""
+    mask = _allowed(q_pos, q_pos, window)[:, None]  # [B, 1, T, T]: the same for every head
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
 def _attention_block(attn: Attention, cfg: ModelConfig, x, cos, sin, q_pos, k_pos, cache_kv, index, window):
+    """A layer's attention: its output and its cache entry, (k, v) with this call's tokens written
+    at `index` (None without a cache). A Python int `index` of 0 is a fresh cache (`init_cache`):
+    the tokens attend over themselves, as without a cache; otherwise over the cache's filled slots."""
     dtype = x.dtype
     q = _saved(dense(x, attn.q_proj[...].astype(dtype)))
     k = _saved(dense(x, attn.k_proj[...].astype(dtype)))
@@ -249,13 +280,19 @@ def _attention_block(attn: Attention, cfg: ModelConfig, x, cos, sin, q_pos, k_po
     if cfg.qk_norm:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, KV, T, D], the cache layout
+    whole_sequence = cache_kv is None or isinstance(index, int)
+    if whole_sequence and cfg.attention == "cudnn":
+        out = _attend_fused(q, k, v, q_pos, window, "cudnn")
+    elif whole_sequence:
+        out = _attend(q, k.swapaxes(1, 2), v.swapaxes(1, 2), q_pos, q_pos, window)
     if cache_kv is not None:
         cache_k, cache_v = cache_kv
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, KV, T, D], the cache layout
         k = constrain(jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=2), CACHE_KV)
         v = constrain(jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=2), CACHE_KV)
         cache_kv = (k, v)
-    out = _attend(q, k.astype(dtype), v.astype(dtype), q_pos, k_pos, window)
+        if not whole_sequence:
+            out = _attend(q, k.astype(dtype), v.astype(dtype), q_pos, k_pos, window)
     out = _saved(dense(out, attn.o_proj[...].astype(dtype), 2))
     if cfg.o_bias:
         out = out + attn.o_bias[...].astype(dtype)
@@ -377,7 +414,7 @@ def hidden_states(
     x = model.final_norm(x)
     if cache is None:
         return x, None
-    return x, KVCache(tuple(new_k), tuple(new_v), k_pos, cache.index + tokens.shape[1])
+    return x, KVCache(tuple(new_k), tuple(new_v), k_pos, jnp.asarray(cache.index + tokens.shape[1], jnp.int32))
 
 
 def lm_head_weight(config: ModelConfig, params: nnx.State) -> jax.Array:

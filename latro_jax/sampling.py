@@ -4,6 +4,11 @@
   (prompt bucket, generation bucket, batch) however its prompt lengths vary.
 - The K samples of a prompt share its prefill: the prompt's cache is computed once and repeated
   K times along the batch.
+- A decode step attends over the whole cache it is given, so the cache grows with the generation:
+  the loop runs in up to MAX_SEGMENTS segments (`decode_segments`), each with a cache just long
+  enough for it, and a step's cost follows the tokens generated so far, not the generation
+  bucket or the room kept after it (`cache_room`, added once the loop ends). Each segment is its
+  own loop in the program, so the decode step is compiled once per segment.
 - Each row stops at its first stop token or stop sequence (matched as token sequences on the
   generated tokens); the returned rationale excludes the stop and everything after it, and the
   row is marked finished. The loop ends as soon as every row has stopped.
@@ -24,10 +29,12 @@ import numpy as np
 from flax import nnx
 
 from latro_jax.config import ModelConfig
-from latro_jax.model import KVCache, hidden_states, init_cache, lm_head_weight, positions_from_mask
+from latro_jax.model import KVCache, grow_cache, hidden_states, init_cache, lm_head_weight, positions_from_mask
 from latro_jax.sharding import mesh_of, place_rows
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+MAX_SEGMENTS = 4  # decode loops a generation is split into, each with its own cache length
+MIN_SEGMENT = 32  # steps: a shorter generation is one loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +98,14 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
             return b
     largest = max(buckets)
     return -(-n // largest) * largest
+
+
+def decode_segments(steps: int) -> tuple[int, ...]:
+    """The step counts at which the decode loop's segments end: the generation of `steps` tokens
+    in at most MAX_SEGMENTS parts of at least MIN_SEGMENT steps (a multiple of 16), the last
+    ending at `steps`. More segments read less of an empty cache and compile more loops."""
+    size = max(MIN_SEGMENT, -(-steps // (MAX_SEGMENTS * 16)) * 16)
+    return tuple(range(size, steps, size)) + (steps,)
 
 
 def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -188,11 +203,11 @@ def sample_padded(
     k = sampling.num_samples
     n = batch * k
     positions = positions_from_mask(prompt_mask)
-    cache = init_cache(config, batch, prompt_slots + max_new_tokens + sampling.cache_room)
-    x, cache = hidden_states(config, params, prompt_tokens, positions, prompt_mask, cache)
+    prefill_cache = init_cache(config, batch, prompt_slots)  # grown with the generation, below
+    x, cache = hidden_states(config, params, prompt_tokens, positions, prompt_mask, prefill_cache)
     logits = _head(config, params, x[:, -1])
     # Shared prefill: each prompt's cache and last logits serve its K rows.
-    cache, logits = jax.tree.map(lambda a: jnp.repeat(a, k, axis=0) if a.ndim else a, (cache, logits))
+    cache, logits = jax.tree.map(lambda a: jnp.repeat(a, k, axis=0) if jnp.ndim(a) else a, (cache, logits))
     prompt_lengths = jnp.repeat(prompt_mask.sum(axis=1).astype(jnp.int32), k)
 
     stop_ids = jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)
@@ -232,7 +247,10 @@ def sample_padded(
         cache=cache,
         rng=rng,
     )
-    final = jax.lax.while_loop(cond, body, init)
+    final = init
+    for end in decode_segments(max_new_tokens):
+        final = final._replace(cache=grow_cache(final.cache, prompt_slots + end))
+        final = jax.lax.while_loop(lambda s, end=end: cond(s) & (s.step < end), body, final)
     kept = jnp.arange(max_new_tokens)[None] < final.lengths[:, None]
     tokens = jnp.where(kept, final.history[:, width:], sampling.pad_token_id)
     return SampleOutput(
@@ -243,7 +261,7 @@ def sample_padded(
         prompt_lengths=prompt_lengths,
         prompt_slots=prompt_slots,
         steps=final.step,
-        cache=final.cache,
+        cache=grow_cache(final.cache, prompt_slots + max_new_tokens + sampling.cache_room),
     )
 
 

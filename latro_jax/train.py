@@ -77,7 +77,8 @@ def load_policy(exp: Experiment, progress: bool = True, mesh=None) -> tuple[Mode
     `update.policy_param_dtype` keeps them, and the directory holding the tokenizer files."""
     checkpoint = starting_checkpoint(exp, progress)
     config, params = load_model(checkpoint, mesh=mesh, dtype=exp.model.dtype,
-                                param_dtype=policy_param_dtype(exp.model), remat=exp.model.remat)
+                                param_dtype=policy_param_dtype(exp.model), remat=exp.model.remat,
+                                attention=exp.model.attention)
     return config, params, exp.model.tokenizer or os.path.join(checkpoint, HF_DIR)
 
 
