@@ -6,17 +6,23 @@ only in the order of float32 sums (~1e-7)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from hf_models import convert, make_hf_model
+from latro_jax import hlo
 from latro_jax import model as model_module
 from latro_jax.config import ConfigError, ModelConfig
 from latro_jax.experiment import ExperimentError, ModelSpec
 from latro_jax.model import forward, init_params
-from latro_jax.sampling import SamplingConfig, decode_segments, sample
+from latro_jax.sampling import SamplingConfig, decode_segments, sample, sample_padded
 from latro_jax.scoring import token_logprobs
 from test_sampling import PROMPTS, hf_generate_greedy
 
@@ -115,3 +121,98 @@ def test_fused_attention_path_equals_the_einsum_path(monkeypatch):
     expected_tokens = sample(CONFIG, params, PROMPTS, jax.random.key(0), greedy).tokens
     got_tokens = sample(fused_config, params, PROMPTS, jax.random.key(0), greedy).tokens
     np.testing.assert_array_equal(np.asarray(got_tokens), np.asarray(expected_tokens))
+
+
+# ---- the weights inside the compiled decode loop ----------------------------------------------
+
+# bfloat16 compute over float32 params, as a full fine-tuning run samples: every weight is cast
+# once per rollout. Widths chosen so that no activation or cache array has a weight's size.
+LOOP_CONFIG = ModelConfig("llama", vocab_size=320, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=32, dtype="bfloat16")
+LOOP_SAMPLING = SamplingConfig(max_new_tokens=48, num_samples=2, length_buckets=(48,), cache_room=4)
+
+
+def _weight_sizes(params, shards: int = 1) -> set[int]:
+    """Elements of each weight matrix, whole and split `shards` ways."""
+    return {x.size // d for x in jax.tree.leaves(params) if x.ndim >= 2 for d in {1, shards}}
+
+
+def _decode_program(params, prompts, mask):
+    return sample_padded.lower(LOOP_CONFIG, LOOP_SAMPLING, 48, params, prompts, mask, jax.random.key(0),
+                               jnp.int32(48)).compile().as_text()
+
+
+def _loop_report(params, prompts, mask, shards: int = 1) -> dict:
+    """What the test asserts on, for one layout of the params: the loops' per-step weight work,
+    and enough about the program to show the check is not vacuous."""
+    text = _decode_program(params, prompts, mask)
+    sizes = _weight_sizes(params, shards)
+    loop = hlo.loop_ops(text)
+    return {
+        "weight_work_in_loops": [op._asdict() for op in hlo.weight_work_in_loops(text, sizes, "bf16")],
+        "loop_ops": len(loop),
+        # Not vacuous: the program does cast the weights (and gather them, under fsdp), before the loops.
+        "weight_work_in_program": len(hlo.weight_work_in_program(text, sizes, "bf16")),
+        "loop_all_reduces": sum(op.opcode.startswith("all-reduce") for op in loop),
+    }
+
+
+def _prompts():
+    mask = np.arange(8)[None] >= np.array([0, 3])[:, None]
+    return jnp.asarray(np.where(mask, 7, 0), jnp.int32), jnp.asarray(mask)
+
+
+def test_decode_loop_casts_no_weight_on_one_device():
+    """A cast of a weight to the compute dtype inside the loop would repeat once per token what
+    belongs before it (weights perturbed by the step, which XLA cannot hoist, make this test fail)."""
+    params = init_params(LOOP_CONFIG)
+    report = _loop_report(params, *_prompts())
+    assert report["weight_work_in_loops"] == [], report
+    # Every matrix but the embedding table (gathered by token, then cast) is cast whole.
+    matrices = sum(x.ndim >= 2 for x in jax.tree.leaves(params))
+    assert report["loop_ops"] > 100 and report["weight_work_in_program"] >= matrices - 1, report
+
+
+def test_decode_loop_on_an_fsdp_mesh_keeps_weights_sharded():
+    """On 8 simulated devices (fsdp=8): no weight all-gather and no weight cast inside the loop, the
+    loop's collectives being all-reduces of activations; tokens equal the single-device sampler's.
+    Run in a subprocess: XLA reads the device count once per process (see test_sharding)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    result = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"mesh check failed:\n{result.stdout}\n{result.stderr}"
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 8 and report["q_proj_shards"] == 8
+    assert report["weight_work_in_loops"] == [], report
+    assert report["loop_all_reduces"] > 0 and report["weight_work_in_program"] > 0, report
+    assert report["tokens_equal"] and report["distinct_tokens"] > 4, report
+
+
+def _fsdp_report() -> dict:
+    from latro_jax import sharding
+    from latro_jax.sharding import MeshSpec
+
+    assert jax.device_count() == 8, jax.devices()
+    params = init_params(LOOP_CONFIG, seed=0)
+    prompts, mask = _prompts()
+    # Tokens in float32: bfloat16's rounding differs where a contraction is split over devices.
+    exact, key = LOOP_CONFIG.replace(dtype="float32"), jax.random.key(0)
+    expected = sample_padded(exact, LOOP_SAMPLING, 48, params, prompts, mask, key, jnp.int32(48)).tokens
+    mesh = sharding.make_mesh(MeshSpec(data=1, fsdp=8))
+    sharded = jax.device_put(params, sharding.param_shardings(mesh, params))
+    placed = [jax.device_put(x, sharding.batch_shardings(mesh, x)) for x in (prompts, mask)]
+    with jax.set_mesh(mesh):
+        report = _loop_report(sharded, *placed, shards=8)
+        tokens = sample_padded(exact, LOOP_SAMPLING, 48, sharded, *placed, key, jnp.int32(48)).tokens
+    q_proj = sharded["layers"][0]["attn"]["q_proj"][...]
+    return report | {
+        "devices": jax.device_count(),
+        "q_proj_shards": q_proj.size // q_proj.addressable_shards[0].data.size,
+        "tokens_equal": bool(np.array_equal(np.asarray(tokens), np.asarray(expected))),
+        "distinct_tokens": len(np.unique(np.asarray(expected))),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(_fsdp_report()))
