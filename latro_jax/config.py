@@ -25,7 +25,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 #                per layer in bfloat16; nearly the compute of `none`)
 REMAT_MODES = ("none", "full", "projections")
 # How attention over a whole sequence (the prefill, scoring, the training forward) is computed
-# (ModelConfig.attention); decode steps read the KV cache in blocks either way (model._attend_cache):
+# (ModelConfig.attention); a decode step attends over the KV cache with the einsums either way:
 #   xla    this project's einsums, the same on every backend
 #   cudnn  jax.nn.dot_product_attention's cuDNN flash attention (NVIDIA GPUs; bfloat16 or float16,
 #          head_dim a multiple of 8 up to 128). Not yet checked on a GPU: hence not the default.
@@ -43,6 +43,13 @@ def remat_mode(value: bool | str) -> str:
     if mode not in REMAT_MODES:
         raise ValueError(f"allowed: {', '.join(REMAT_MODES)}")
     return mode
+
+
+def attention_mode(value: str) -> str:
+    """`value` if it is one of ATTENTION_MODES; ValueError naming the allowed modes otherwise."""
+    if value not in ATTENTION_MODES:
+        raise ValueError(f"allowed: {', '.join(ATTENTION_MODES)}")
+    return value
 
 
 class ConfigError(ValueError):
@@ -114,8 +121,10 @@ class ModelConfig:
             object.__setattr__(self, "remat", remat_mode(self.remat))
         except ValueError as e:
             raise ConfigError(f"remat={self.remat!r}; {e}") from None
-        if self.attention not in ATTENTION_MODES:
-            raise ConfigError(f"attention={self.attention!r}; allowed: {', '.join(ATTENTION_MODES)}")
+        try:
+            attention_mode(self.attention)
+        except ValueError as e:
+            raise ConfigError(f"attention={self.attention!r}; {e}") from None
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ConfigError(f"{field}={getattr(self, field)!r}; allowed: {', '.join(DTYPES)}")

@@ -13,7 +13,7 @@ import os
 import sys
 import typing
 
-from latro_jax.config import ATTENTION_MODES, remat_mode
+from latro_jax.config import attention_mode, remat_mode
 from latro_jax.data.tasks import SPLITS
 from latro_jax.objective import ObjectiveConfig
 from latro_jax.sharding import DistributedSpec, MeshSpec
@@ -41,14 +41,11 @@ class ModelSpec:
     attention: str = "xla"
 
     def __post_init__(self):
-        try:
-            object.__setattr__(self, "remat", remat_mode(self.remat))
-        except ValueError as e:
-            raise ExperimentError(f"model.remat={self.remat!r} is invalid; {e}") from None
-        if self.attention not in ATTENTION_MODES:
-            raise ExperimentError(
-                f"model.attention={self.attention!r} is invalid; allowed: {', '.join(ATTENTION_MODES)}"
-            )
+        for field, mode in (("remat", remat_mode), ("attention", attention_mode)):
+            try:
+                object.__setattr__(self, field, mode(getattr(self, field)))
+            except ValueError as e:
+                raise ExperimentError(f"model.{field}={getattr(self, field)!r} is invalid; {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)

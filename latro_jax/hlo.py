@@ -9,9 +9,15 @@ functions let a test (and the GPU script) check that it did, on the compiler at 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from latro_jax.sampling import bucket, sample_padded
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\][^ ]* ([\w\-]+)\(")
@@ -103,3 +109,18 @@ def weight_work_in_program(text: str, weight_sizes: set[int], compute_dtype: str
     """`weight_work_in_loops` over the whole program: where the casts and gathers are, if not in
     the loops (a check that finds none in the loops must find them here, or it looked at nothing)."""
     return _weight_work(program_ops(text), weight_sizes, compute_dtype)
+
+
+def weight_sizes(params, shards: int = 1) -> set[int]:
+    """Elements of each weight matrix of `params`, whole and split `shards` ways."""
+    return {x.size // d for x in jax.tree.leaves(params) if x.ndim >= 2 for d in {1, shards}}
+
+
+def decode_program(config, sampling, params, prompt_tokens, prompt_mask) -> str:
+    """The text of the sampler's program as `sampling.sample_tokens` compiles it for these
+    inputs (on their devices, under the current mesh)."""
+    steps = bucket(sampling.max_new_tokens, sampling.length_buckets)
+    static = dataclasses.replace(sampling, max_new_tokens=steps)
+    lowered = sample_padded.lower(config, static, steps, params, prompt_tokens, prompt_mask, jax.random.key(0),
+                                  jnp.int32(sampling.max_new_tokens))
+    return lowered.compile().as_text()

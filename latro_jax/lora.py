@@ -155,6 +155,9 @@ def merge(lora: LoraConfig, base: nnx.State, adapters: dict) -> nnx.State:
     return jax.tree.map_with_path(adapted, base)
 
 
+merge_jit = jax.jit(merge, static_argnums=0)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraRowsLoss:
     """An `update.update` rows_loss over the adapters: `update(..., rows_loss=LoraRowsLoss(

@@ -280,19 +280,18 @@ def _attention_block(attn: Attention, cfg: ModelConfig, x, cos, sin, q_pos, k_po
     if cfg.qk_norm:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    whole_sequence = cache_kv is None or isinstance(index, int)
-    if whole_sequence and cfg.attention == "cudnn":
-        out = _attend_fused(q, k, v, q_pos, window, "cudnn")
-    elif whole_sequence:
-        out = _attend(q, k.swapaxes(1, 2), v.swapaxes(1, 2), q_pos, q_pos, window)
+    new_k, new_v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, KV, T, D], the cache layout
     if cache_kv is not None:
-        cache_k, cache_v = cache_kv
-        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, KV, T, D], the cache layout
-        k = constrain(jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=2), CACHE_KV)
-        v = constrain(jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=2), CACHE_KV)
-        cache_kv = (k, v)
-        if not whole_sequence:
-            out = _attend(q, k.astype(dtype), v.astype(dtype), q_pos, k_pos, window)
+        cache_kv = tuple(
+            constrain(jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), index, axis=2), CACHE_KV)
+            for c, new in zip(cache_kv, (new_k, new_v))
+        )
+    if cache_kv is not None and not isinstance(index, int):  # attend over everything cached
+        out = _attend(q, cache_kv[0].astype(dtype), cache_kv[1].astype(dtype), q_pos, k_pos, window)
+    elif cfg.attention == "cudnn":
+        out = _attend_fused(q, k, v, q_pos, window, "cudnn")
+    else:
+        out = _attend(q, new_k, new_v, q_pos, q_pos, window)
     out = _saved(dense(out, attn.o_proj[...].astype(dtype), 2))
     if cfg.o_bias:
         out = out + attn.o_bias[...].astype(dtype)

@@ -31,7 +31,7 @@ from latro_jax.data.prompts import PromptFormat, load_tokenizer, prompt_format
 from latro_jax.data.tasks import load_task
 from latro_jax.evaluate import evaluate
 from latro_jax.experiment import Experiment, ExperimentError, TrainSpec
-from latro_jax.lora import LoraConfig, LoraRowsLoss, init_adapters, lora_config, merge
+from latro_jax.lora import LoraConfig, LoraRowsLoss, init_adapters, lora_config, merge_jit
 from latro_jax.pretrain import pretrained_base
 from latro_jax.rollout import rollout, rollout_samples
 from latro_jax.runs import (
@@ -44,7 +44,6 @@ from latro_jax.update import (
     sft_rows_loss, update_jit,
 )
 
-merge_jit = jax.jit(merge, static_argnums=0)
 # Random streams apart from the updates' fold_in(key, step), step < 2**31 - 2: the LoRA adapters'
 # initialisation, and the evaluations' (then folded with the step evaluated).
 ADAPTERS_STREAM, EVAL_STREAM = 2**31 - 2, 2**31 - 1

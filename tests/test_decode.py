@@ -7,15 +7,13 @@ only in the order of float32 sums (~1e-7)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import run_on_devices
 from hf_models import convert, make_hf_model
 from latro_jax import hlo
 from latro_jax import model as model_module
@@ -132,21 +130,11 @@ LOOP_CONFIG = ModelConfig("llama", vocab_size=320, hidden_size=128, intermediate
 LOOP_SAMPLING = SamplingConfig(max_new_tokens=48, num_samples=2, length_buckets=(48,), cache_room=4)
 
 
-def _weight_sizes(params, shards: int = 1) -> set[int]:
-    """Elements of each weight matrix, whole and split `shards` ways."""
-    return {x.size // d for x in jax.tree.leaves(params) if x.ndim >= 2 for d in {1, shards}}
-
-
-def _decode_program(params, prompts, mask):
-    return sample_padded.lower(LOOP_CONFIG, LOOP_SAMPLING, 48, params, prompts, mask, jax.random.key(0),
-                               jnp.int32(48)).compile().as_text()
-
-
 def _loop_report(params, prompts, mask, shards: int = 1) -> dict:
     """What the test asserts on, for one layout of the params: the loops' per-step weight work,
     and enough about the program to show the check is not vacuous."""
-    text = _decode_program(params, prompts, mask)
-    sizes = _weight_sizes(params, shards)
+    text = hlo.decode_program(LOOP_CONFIG, LOOP_SAMPLING, params, prompts, mask)
+    sizes = hlo.weight_sizes(params, shards)
     loop = hlo.loop_ops(text)
     return {
         "weight_work_in_loops": [op._asdict() for op in hlo.weight_work_in_loops(text, sizes, "bf16")],
@@ -177,12 +165,7 @@ def test_decode_loop_on_an_fsdp_mesh_keeps_weights_sharded():
     """On 8 simulated devices (fsdp=8): no weight all-gather and no weight cast inside the loop, the
     loop's collectives being all-reduces of activations; tokens equal the single-device sampler's.
     Run in a subprocess: XLA reads the device count once per process (see test_sharding)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    result = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"mesh check failed:\n{result.stdout}\n{result.stderr}"
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_on_devices(__file__, 8)
     assert report["devices"] == 8 and report["q_proj_shards"] == 8
     assert report["weight_work_in_loops"] == [], report
     assert report["loop_all_reduces"] > 0 and report["weight_work_in_program"] > 0, report

@@ -25,16 +25,15 @@ import contextlib
 import functools
 import json
 import os
-import subprocess
 import sys
 from unittest import mock
 
 import jax
 import numpy as np
 
+from conftest import run_on_devices
 from test_sharding import _spec
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ((1, 8, 1), (1, 1, 8))
 UPDATES = 2
 TOLERANCE = 1e-5
@@ -135,12 +134,7 @@ def trained(exp) -> dict:
 
 
 def _report(directory: str) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), directory], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"LoRA runs failed:\n{result.stdout}\n{result.stderr}"
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_on_devices(__file__, 8, directory)
 
 
 def test_lora_on_a_mesh_equals_one_device(tmp_path):

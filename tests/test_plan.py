@@ -17,7 +17,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, run_on_devices
+
 TINY = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 # 4 questions x 2 samples = 8 rows of 16 prompt + 16 generated + 16 answer slots.
@@ -57,12 +58,7 @@ ROW_BYTES = ROWS * LENGTH * (4 + 1 + 1 + 1) + ROWS * 4  # tokens int32, three bo
 
 @pytest.fixture(scope="module")
 def plans(tmp_path_factory):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
-    result = subprocess.run([sys.executable, __file__, str(tmp_path_factory.mktemp("plan") / "config.json")], env=env,
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_on_devices(__file__, 4, str(tmp_path_factory.mktemp("plan") / "config.json"), timeout=900)
 
 
 def test_update_arguments_hold_params_optimizer_state_and_rows(plans):

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
 import jax
@@ -25,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import run_on_devices
 from latro_jax.config import ModelConfig
 from latro_jax.sharding import DistributedSpec, MeshSpec, initialize_distributed, logical_spec
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8))
 # 8 heads and mlp/vocab divisible by 8: tensor=8 splits them. 4 kv heads: split on tensor=2,
 # replicated on tensor=8 (the fallback).
@@ -113,13 +111,7 @@ def test_logical_spec_keeps_the_longest_dividing_prefix():
 
 
 def _mesh_report() -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    result = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, f"mesh checks failed:\n{result.stdout}\n{result.stderr}"
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_on_devices(__file__, 8, timeout=900)
 
 
 # PartitionSpecs (one entry per dimension; mesh axes of size 1 are left out) that params, batches

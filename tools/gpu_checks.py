@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from latro_jax import hlo
 from latro_jax.config import ModelConfig
 from latro_jax.model import forward, init_params, positions_from_mask
-from latro_jax.sampling import SamplingConfig, sample_padded
+from latro_jax.sampling import SamplingConfig
 
 CONFIG = ModelConfig("mistral", vocab_size=1024, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
                      num_kv_heads=2, head_dim=32, dtype="bfloat16", sliding_windows=(16, None))
@@ -29,9 +29,8 @@ def decode_loop_report() -> dict:
     params = init_params(CONFIG)
     prompts = jnp.ones((4, 16), jnp.int32)
     sampling = SamplingConfig(max_new_tokens=64, num_samples=2, length_buckets=(64,), cache_room=8)
-    text = sample_padded.lower(CONFIG, sampling, 64, params, prompts, prompts > 0, jax.random.key(0),
-                               jnp.int32(64)).compile().as_text()
-    sizes = {x.size for x in jax.tree.leaves(params) if x.ndim >= 2}
+    text = hlo.decode_program(CONFIG, sampling, params, prompts, prompts > 0)
+    sizes = hlo.weight_sizes(params)
     return {"weight_work_in_loops": [op._asdict() for op in hlo.weight_work_in_loops(text, sizes, "bf16")],
             "weight_work_in_program": len(hlo.weight_work_in_program(text, sizes, "bf16"))}
 
