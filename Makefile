@@ -37,9 +37,10 @@ OVERRIDES = $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v)))
 train: $(STAMP)
 	$(BIN)/python tools/train.py $(EXP) $(OVERRIDES)
 
-# make eval MODEL=<checkpoint, run step or HF dir> ARGS="--task gsm8k --split test"
+# make eval MODEL=<checkpoint, run step or HF dir> ARGS="--task gsm8k --split test" (a run step: its own task;
+# data.field=value settings change it, e.g. a custom task's data.path=my_qa.jsonl)
 eval: $(STAMP)
-	$(BIN)/python tools/eval.py $(MODEL) $(ARGS)
+	$(BIN)/python tools/eval.py $(MODEL) $(ARGS) $(OVERRIDES)
 
 # make convert SRC=<HF dir or hub id> OUT=<checkpoint dir> [ARGS="--param-dtype bfloat16"]
 convert: $(STAMP)

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from latro_jax.data.prompts import load_tokenizer, prompt_format
-from latro_jax.data.tasks import load_task
+from latro_jax.data.tasks import load_split, task_of
 from latro_jax.evaluate import evaluate
 from latro_jax.experiment import Experiment, ExperimentError, PretrainSpec
 from latro_jax.pretrain import pretrained_base, pretrained_path
@@ -78,11 +78,12 @@ def run_demo(exp: Experiment, progress: bool = True) -> dict:
     config, params["base"], tokenizer_dir = load_policy(exp, progress, mesh)
     tokenizer = load_tokenizer(tokenizer_dir)
     fmt = prompt_format(tokenizer)
-    test = load_task(exp.data.task, "test", exp.data.source or None)
+    task = task_of(exp.data)
+    test = load_split(task, "test")
     key = jax.random.key(exp.train.seed)
     with jax.set_mesh(mesh):
         evaluations = {
-            name: evaluate(config, params[name], tokenizer, fmt, test, exp.data.task, exp.rollout.max_new_tokens,
+            name: evaluate(config, params[name], tokenizer, fmt, test, task, exp.rollout.max_new_tokens,
                            exp.train.maj_k, key, progress=progress)
             for name in MODELS
         }

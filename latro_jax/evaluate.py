@@ -5,11 +5,12 @@ Greedy: temperature 0, up to `max_new_tokens`, stopping at EOS / the end-of-turn
 answer extracted, then `majority_vote` (unextractable answers do not vote; a tie goes to the
 answer that occurs first among the k samples). ARC samples vote for the option they name.
 
-Correctness, as LATRO.md states it: GSM8K, the extracted number equals the gold number; ARC
-greedy, the gold option's lower-cased text occurs in the lower-cased text after "the answer is"
-(`arc_correct`: "heat and light" answers "heat" correctly, as in the paper's numbers). maj@k
-needs one answer per sample to vote with, so an ARC sample's answer is the option it names first
-(`arc_choice`), and the vote is correct when it is the gold option.
+Correctness is the task's `AnswerRule` (latro_jax.data.extraction). As LATRO.md states it:
+GSM8K, the extracted number equals the gold number; ARC greedy, the gold option's lower-cased
+text occurs in the lower-cased text after "the answer is" (`arc_correct`: "heat and light"
+answers "heat" correctly, as in the paper's numbers). maj@k needs one answer per sample to vote
+with, so an ARC sample's answer is the option it names first (`arc_choice`), and the vote is
+correct when it is the gold option.
 """
 
 from __future__ import annotations
@@ -20,45 +21,27 @@ import jax
 from tqdm.auto import tqdm
 
 from latro_jax.config import ModelConfig
-from latro_jax.data.extraction import (
-    arc_choice, arc_correct, canonical_number, extract_gsm8k, gsm8k_correct, majority_vote,
-)
+from latro_jax.data.extraction import majority_vote
 from latro_jax.data.prompts import PromptFormat, encode_prompts
-from latro_jax.data.tasks import NUMERIC_TASKS, Example
+from latro_jax.data.tasks import Example, Task, builtin_task
 from latro_jax.sampling import SamplingConfig, sample
 from latro_jax.sharding import to_host
 
 
-def extract(task: str, text: str, example: Example) -> str | None:
-    """The answer a generated text gives, in the form compared with the gold answer."""
-    if task in NUMERIC_TASKS:
-        return extract_gsm8k(text)
-    return arc_choice(text, example.options)
-
-
-def gold(task: str, example: Example) -> str | None:
-    return canonical_number(example.answer) if task in NUMERIC_TASKS else example.answer
-
-
-def greedy_correct(task: str, text: str, example: Example) -> bool:
-    """Whether a greedy generation answers `example` correctly, by LATRO.md's rule of the task."""
-    if task in NUMERIC_TASKS:
-        return gsm8k_correct(text, example.answer)
-    return arc_correct(text, example.answer)
-
-
-def score(task: str, examples: Sequence[Example], greedy_texts: Sequence[str],
+def score(task: Task | str, examples: Sequence[Example], greedy_texts: Sequence[str],
           voted_texts: Sequence[Sequence[str]], maj_k: int) -> dict:
     """Greedy and maj@k accuracy of generated texts (one greedy text and k samples per example),
-    and a row per example for inspection."""
+    by the answer rule of `task` (a Task, or a built-in task's name), and a row per example for
+    inspection."""
+    rule = (task if isinstance(task, Task) else builtin_task(task)).rule
     rows, greedy_total, voted_total = [], 0, 0
     for example, text, samples in zip(examples, greedy_texts, voted_texts, strict=True):
-        correct = greedy_correct(task, text, example)
-        vote = majority_vote([extract(task, s, example) for s in samples])
-        target = gold(task, example)
+        correct = rule.correct(text, example.answer, example.options)
+        vote = majority_vote([rule.answer(s, example.options) for s in samples])
         greedy_total += correct
-        voted_total += vote is not None and vote == target
-        rows.append({"id": example.id, "gold": target, "greedy_answer": extract(task, text, example),
+        voted_total += rule.agrees(vote, example.answer)
+        rows.append({"id": example.id, "gold": rule.gold(example.answer),
+                     "greedy_answer": rule.answer(text, example.options),
                      "greedy_correct": correct, f"maj@{maj_k}": vote, "greedy_text": text})
     n = max(1, len(examples))
     return {
@@ -98,7 +81,7 @@ def evaluate(
     tokenizer,
     fmt: PromptFormat,
     examples: Sequence[Example],
-    task: str,
+    task: Task | str,
     max_new_tokens: int,
     maj_k: int,
     rng: jax.Array,

@@ -14,13 +14,19 @@ import sys
 import typing
 
 from latro_jax.config import attention_mode, remat_mode
-from latro_jax.data.tasks import SPLITS
+from latro_jax.data.prompts import ANSWER_TEMPLATE
+from latro_jax.data.tasks import CUSTOM, TASK_NAMES, task_of
 from latro_jax.objective import ObjectiveConfig
 from latro_jax.sharding import DistributedSpec, MeshSpec
 
 
 class ExperimentError(ValueError):
     """A bad experiment name, override or field value."""
+
+
+# The DataSpec fields that describe a custom task (data.task=custom); the built-in tasks fix them.
+CUSTOM_FIELDS = ("path", "config", "question_field", "answer_field", "rationale_field", "options_field", "id_field",
+                 "template", "answer_template", "match", "skip_bad_rows")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +56,28 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-    task: str = "gsm8k"  # gsm8k | arc_challenge | arithmetic (synthetic, the demo's)
-    source: str = ""  # "" = the HF hub; or a local jsonl directory
+    """The task and its splits. The built-in tasks (gsm8k, arc_challenge, arithmetic) read
+    `source`; `task=custom` is the user's own (latro_jax.data.tasks.Task, README "Your own task"):
+    rows from `path`, fields, templates and match rule from the settings after it."""
+
+    task: str = "gsm8k"  # gsm8k | arc_challenge | arithmetic (synthetic, the demo's) | custom
+    source: str = ""  # built-in tasks: "" = the HF hub; or a local jsonl directory
     train_split: str = "train"
-    eval_split: str = "validation"
+    eval_split: str = "validation"  # held out of train by hash where the source has no validation split
     eval_size: int = 200  # questions evaluated during training (0 = the whole split)
     sft_target: str = "rationale"  # SFT on the gold rationale (where the task has one) or on the answer alone
+    # task=custom only:
+    path: str = ""  # a .jsonl/.json/.csv/.parquet file or a directory of them, or an HF hub dataset id
+    config: str = ""  # the hub dataset's config name
+    question_field: str = "question"
+    answer_field: str = "answer"
+    rationale_field: str = ""  # the gold rationale (SFT's target); "" = none
+    options_field: str = ""  # a list of option texts (multiple choice); "" = none
+    id_field: str = ""  # "" = the row's number
+    template: str = "{question}"  # the user message: {question}, {options} or any field of the row
+    answer_template: str = ANSWER_TEMPLATE  # appended after each rationale; its text before {answer} stops one
+    match: str = "normalized"  # number | exact | normalized | contains | choice
+    skip_bad_rows: bool = False  # skip (and count) rows that cannot be used, instead of stopping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +154,27 @@ def _check(ok: bool, field: str, value, allowed: str) -> None:
         raise ExperimentError(f"{field}={value!r} is invalid; {allowed}")
 
 
+def validate_data(d: DataSpec) -> DataSpec:
+    """Check the data settings: the task, and a custom task's fields, templates and match rule."""
+    _check(d.task in TASK_NAMES, "data.task", d.task, f"allowed: {', '.join(TASK_NAMES)}")
+    if d.task != CUSTOM:
+        default = DataSpec()
+        for field in CUSTOM_FIELDS:
+            _check(getattr(d, field) == getattr(default, field), f"data.{field}", getattr(d, field),
+                   f"is a setting of data.task={CUSTOM} (the task {d.task!r} has its own)")
+    else:
+        _check(bool(d.path), "data.path", d.path,
+               "set it to your task's .jsonl/.json/.csv/.parquet file or directory, or an HF hub dataset id")
+        _check(not d.source, "data.source", d.source, "is for the built-in tasks; a custom task reads data.path")
+        try:
+            task_of(d)
+        except ValueError as e:
+            raise ExperimentError(str(e)) from None
+    _check(d.sft_target in ("rationale", "answer"), "data.sft_target", d.sft_target, "allowed: rationale, answer")
+    _check(d.eval_size >= 0, "data.eval_size", d.eval_size, "must be >= 0")
+    return d
+
+
 def validate(exp: Experiment) -> Experiment:
     """Check every field once; the error names the field and what is allowed."""
     m, d, r, o, t, p = exp.model, exp.data, exp.rollout, exp.optim, exp.train, exp.pretrain
@@ -150,9 +193,7 @@ def validate(exp: Experiment) -> Experiment:
     _check(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "allowed: float32, bfloat16")
     _check(m.lora_rank >= 0, "model.lora_rank", m.lora_rank, "must be >= 0 (0 = full fine-tuning)")
     _check(m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha, "must be > 0")
-    _check(d.task in SPLITS, "data.task", d.task, f"allowed: {', '.join(SPLITS)}")
-    _check(d.sft_target in ("rationale", "answer"), "data.sft_target", d.sft_target, "allowed: rationale, answer")
-    _check(d.eval_size >= 0, "data.eval_size", d.eval_size, "must be >= 0")
+    validate_data(d)
     _check(r.num_samples >= 2 or t.method == "sft", "rollout.num_samples", r.num_samples,
            "LaTRO's leave-one-out baseline needs >= 2")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
@@ -201,7 +242,11 @@ def _parse(text: str, kind, field: str):
 
 
 def apply_overrides(exp: Experiment, overrides: list[str]) -> Experiment:
-    """Apply `section.field=value` overrides (e.g. `train.updates=2`), type-checked by field."""
+    """Apply `section.field=value` overrides (e.g. `train.updates=2`), type-checked by field. Each
+    section is rebuilt once with all of its overrides, so that a section's own checks across its
+    fields (e.g. objective.reward with objective.nonstop_coef) do not depend on their order."""
+    changes: dict[str, dict] = {}
+    given: dict[str, list[str]] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         path = key.split(".")
@@ -216,12 +261,15 @@ def apply_overrides(exp: Experiment, overrides: list[str]) -> Experiment:
         if field not in hints:
             raise ExperimentError(f"override {item!r}: {section_name} has no field {field!r}; fields: {sorted(hints)}")
         value = _parse(text, hints[field], key)
+        changes.setdefault(section_name, {})[field] = value
+        given.setdefault(section_name, []).append(f"{key}={value!r}")
+    for section_name, fields in changes.items():
         try:
-            exp = dataclasses.replace(exp, **{section_name: dataclasses.replace(section, **{field: value})})
+            exp = dataclasses.replace(exp, **{section_name: dataclasses.replace(getattr(exp, section_name), **fields)})
         except ExperimentError:
             raise
-        except ValueError as e:  # a section's own check (MeshSpec)
-            raise ExperimentError(f"{key}={value!r} is invalid; {e}") from None
+        except ValueError as e:  # a section's own check (MeshSpec, ObjectiveConfig)
+            raise ExperimentError(f"{', '.join(given[section_name])} is invalid; {e}") from None
     return exp
 
 

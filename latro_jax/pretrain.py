@@ -21,7 +21,10 @@ import jax
 
 from latro_jax.checkpoint import HF_DIR, is_checkpoint, read_config, save_model
 from latro_jax.config import ModelConfig
-from latro_jax.experiment import Experiment, ExperimentError, ModelSpec, OptimSpec, PretrainSpec, TrainSpec
+from latro_jax.data.tasks import CUSTOM
+from latro_jax.experiment import (
+    CUSTOM_FIELDS, Experiment, ExperimentError, ModelSpec, OptimSpec, PretrainSpec, TrainSpec,
+)
 from latro_jax.model import init_params
 
 SETTINGS_FILE = "pretrain.json"
@@ -48,6 +51,8 @@ def _settings(exp: Experiment) -> dict:
     """Everything the pre-trained weights depend on."""
     settings = {"pretrain": dataclasses.asdict(exp.pretrain), "task": exp.data.task, "source": exp.data.source,
                 "train_split": exp.data.train_split, "tokenizer": exp.model.tokenizer, "seed": exp.train.seed}
+    if exp.data.task == CUSTOM:
+        settings["data"] = {field: getattr(exp.data, field) for field in CUSTOM_FIELDS}
     if exp.data.task == "arithmetic":
         from latro_jax.data.synthetic import VERSION
 

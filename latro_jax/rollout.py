@@ -6,7 +6,9 @@ passes (LATRO.md, "Cost, and where a faster design wins").
   2. the answer reward R = log pi_theta(y|x+z) continues the sampler's KV cache by the answer
      tokens (a forward over ~answer-length tokens, not the whole sequence);
   3. one reference forward over prompt+rationale for log pi_0(z|x);
-then the KL-penalised rewards and RLOO advantages over the whole batch (`objective`).
+  (with `ObjectiveConfig.reward_baseline="no_rationale"`, one policy forward over prompt+answer
+  per question for the reward of the answer without a rationale;)
+then the self-rewards, KL-penalised rewards and RLOO advantages over the whole batch (`objective`).
 The released code runs generate and three scoring forwards for the same quantities.
 """
 
@@ -23,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from latro_jax.config import ModelConfig
-from latro_jax.objective import ObjectiveConfig, rollout_advantages
+from latro_jax.objective import AnswerLogprobs, ObjectiveConfig, rollout_advantages
 from latro_jax.sampling import SampleOutput, SamplingConfig, bucket, pad_prompts, sample_tokens
 from latro_jax.scoring import continuation_logprobs, masked_sum, token_logprobs
 from latro_jax.sharding import constrain, global_max, micro_batches, to_host, unmicro_batches
@@ -98,9 +100,11 @@ def pad_questions(prompts: list[list[int]], answers: list[list[int]], slots: tup
 
 
 class RowScores(NamedTuple):
-    """What the advantages of sampled rows are computed from, all [N]: log pi(z|x) (the sampler's),
-    log pi_0(z|x), R = log pi(y|x+z), the log-prob of the last context token (for
-    `reference_compat`), whether the row stopped, and the rationale's length."""
+    """What the advantages of sampled rows are computed from, [N] unless said: log pi(z|x) (the
+    sampler's), log pi_0(z|x), R = log pi(y|x+z), the log-prob of the last context token (for
+    `reference_compat`), whether the row stopped, the rationale's length, the answer's per-token
+    log-probs and its mask [N, A] (the rewards other than the sum), and, for the no-rationale
+    baseline, the answer's log-probs right after each question ([Q, A] rows; None without it)."""
 
     policy: jax.Array
     reference: jax.Array
@@ -108,9 +112,12 @@ class RowScores(NamedTuple):
     last_context: jax.Array
     finished: jax.Array
     lengths: jax.Array
+    answer_logprobs: jax.Array
+    answer_mask: jax.Array
+    no_rationale: AnswerLogprobs | None
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("score_batch",))
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("score_batch", "no_rationale"))
 def score_rows(
     config: ModelConfig,
     params: nnx.State,
@@ -118,12 +125,15 @@ def score_rows(
     out: SampleOutput,
     questions: Questions,
     score_batch: int = 0,
+    no_rationale: bool = False,
 ) -> tuple[tuple[jax.Array, ...], RowScores]:
     """Steps 2-3 of the update for sampled rows: (tokens, attention_mask, rationale_mask,
     answer_mask) of the packed rows, and their RowScores. `out`: the N = Q x K rows sampled
     for the Q `questions` (K consecutive rows per question).
     `score_batch` (static): rows per reference forward (`micro_batches`, one after another, so
-    that one forward's activations and attention scores are alive at a time); 0 = all N at once."""
+    that one forward's activations and attention scores are alive at a time); 0 = all N at once.
+    `no_rationale` (static): also score each question's answer right after its prompt (one
+    policy forward over the Q questions' prompt+answer) for the no-rationale baseline."""
     pad_id = 0
     k = out.tokens.shape[0] // questions.prompt_tokens.shape[0]
     prompt_tokens, prompt_mask, answers, answer_lengths = (
@@ -159,9 +169,22 @@ def score_rows(
     scores = RowScores(
         policy=jnp.sum(out.logprobs, axis=1), reference=ref_sums,
         answer=masked_sum(cont_logprobs[:, 1:], cont_mask[:, 2:]), last_context=cont_logprobs[:, 0],
-        finished=out.finished, lengths=out.lengths,
+        finished=out.finished, lengths=out.lengths, answer_logprobs=cont_logprobs[:, 1:], answer_mask=cont_mask[:, 2:],
+        no_rationale=no_rationale_logprobs(config, params, questions) if no_rationale else None,
     )
     return packed, scores
+
+
+def no_rationale_logprobs(config: ModelConfig, params: nnx.State, questions: Questions) -> AnswerLogprobs:
+    """The Q questions' answers scored right after their prompts, with no rationale: [Q, A] rows.
+    Prompts are left-padded to P slots, so slot P-1 is the last prompt token, the token before
+    the answer (`reference_compat`'s extra one), and the answer fills slots P..P+A-1."""
+    p = questions.prompt_tokens.shape[1]
+    answer_mask = jnp.arange(questions.answers.shape[1])[None] < questions.answer_lengths[:, None]
+    tokens = jnp.concatenate([questions.prompt_tokens, questions.answers], axis=1)
+    mask = jnp.concatenate([questions.prompt_mask.astype(bool), answer_mask], axis=1)
+    logprobs = token_logprobs(config, params, tokens, mask, score_from=p - 1)
+    return AnswerLogprobs(logprobs[:, p:], answer_mask, logprobs[:, p - 1])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -169,9 +192,12 @@ def advantages_of(objective: ObjectiveConfig, k: int, packed: tuple[jax.Array, .
     """The rollout of packed rows and their scores: advantages over all of them at once (the
     non-stop penalty's mean spans the batch; RLOO groups are K consecutive rows)."""
     advantages, rewards, metrics = rollout_advantages(
-        objective, k, scores.policy, scores.reference, scores.answer, scores.finished, scores.last_context
+        objective, k, scores.policy, scores.reference, scores.answer, scores.finished, scores.last_context,
+        answer_logprobs=AnswerLogprobs(scores.answer_logprobs, scores.answer_mask, scores.last_context),
+        no_rationale=scores.no_rationale,
     )
     metrics["rationale_length_mean"] = jnp.mean(scores.lengths.astype(jnp.float32))
+    metrics["empty_rationale_fraction"] = jnp.mean((scores.lengths == 0).astype(jnp.float32))
     metrics["rationale_length_max"] = jnp.max(scores.lengths)
     return Rollout(*packed, advantages, rewards, metrics)
 
@@ -205,7 +231,8 @@ def rollout(
         out = jax.block_until_ready(sample_tokens(config, params, part.prompt_tokens, part.prompt_mask, chunk_rng,
                                                   sampling))
         sampled = time.perf_counter()
-        parts.append(jax.block_until_ready(score_rows(config, params, ref_params, out, part, score_batch=score_batch)))
+        parts.append(jax.block_until_ready(score_rows(config, params, ref_params, out, part, score_batch=score_batch,
+                                                      no_rationale=objective.reward_baseline == "no_rationale")))
         outs.append(out._replace(cache=None))  # the chunk's KV cache is freed here
         timings["time_sample_s"] += sampled - began
         timings["time_score_s"] += time.perf_counter() - sampled

@@ -78,13 +78,9 @@ class RunStep(NamedTuple):
     hf_files: str  # the base model's HF side files (config.json, tokenizer, generation config)
 
 
-def load_run_step(path: str | os.PathLike, dtype: str | None = None, device=None) -> RunStep:
-    """The model a training run saved at one checkpoint step (runs/<exp>/best/<step> or
-    runs/<exp>/checkpoints/<step>), read onto `device` (default: this process's first device)
-    whatever mesh saved it, in `dtype` (default: the run's compute dtype). A LoRA run's adapters
-    are merged into the base as the run sampled with them. Only the params are read, not the
-    optimizer state (twice their size). The run directory may have moved: its config.json and
-    the base model it started from are found beside the step."""
+def run_experiment(path: str | os.PathLike) -> Experiment:
+    """The experiment of the run a checkpoint step belongs to (its config.json), with the run's
+    directory as it is now (the run may have moved)."""
     path = os.path.abspath(os.path.normpath(os.fspath(path)))
     run_dir = os.path.dirname(os.path.dirname(path))
     if not is_run_step(path):
@@ -96,8 +92,19 @@ def load_run_step(path: str | os.PathLike, dtype: str | None = None, device=None
             exp = experiment_from_dict(json.load(f))
     except (OSError, ValueError) as e:
         raise ExperimentError(f"{config_path}: the run's experiment could not be read ({e})") from None
-    exp = dataclasses.replace(exp, name=os.path.basename(run_dir),
-                              train=dataclasses.replace(exp.train, output_dir=os.path.dirname(run_dir)))
+    return dataclasses.replace(exp, name=os.path.basename(run_dir),
+                               train=dataclasses.replace(exp.train, output_dir=os.path.dirname(run_dir)))
+
+
+def load_run_step(path: str | os.PathLike, dtype: str | None = None, device=None) -> RunStep:
+    """The model a training run saved at one checkpoint step (runs/<exp>/best/<step> or
+    runs/<exp>/checkpoints/<step>), read onto `device` (default: this process's first device)
+    whatever mesh saved it, in `dtype` (default: the run's compute dtype). A LoRA run's adapters
+    are merged into the base as the run sampled with them. Only the params are read, not the
+    optimizer state (twice their size). The run directory may have moved: its config.json and
+    the base model it started from are found beside the step."""
+    path = os.path.abspath(os.path.normpath(os.fspath(path)))
+    exp = run_experiment(path)
     base = base_checkpoint(exp)
     if not is_checkpoint(base):
         raise ExperimentError(f"{base} (the model the run started from) is not a latro-jax checkpoint any more: "

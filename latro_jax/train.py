@@ -28,7 +28,7 @@ from latro_jax.config import ModelConfig
 from latro_jax.convert.hf import convert_hf
 from latro_jax.data.batches import Batches
 from latro_jax.data.prompts import PromptFormat, load_tokenizer, prompt_format
-from latro_jax.data.tasks import load_task
+from latro_jax.data.tasks import DataError, Example, Task, load_split, task_of
 from latro_jax.evaluate import evaluate
 from latro_jax.experiment import Experiment, ExperimentError, TrainSpec
 from latro_jax.lora import LoraConfig, LoraRowsLoss, init_adapters, lora_config, merge_jit
@@ -81,6 +81,21 @@ def load_policy(exp: Experiment, progress: bool = True, mesh=None) -> tuple[Mode
     return config, params, exp.model.tokenizer or os.path.join(checkpoint, HF_DIR)
 
 
+def load_data(exp: Experiment) -> tuple[Task, list[Example], list[Example]]:
+    """The run's task and its training and evaluation examples (the first data.eval_size), read
+    and checked before anything is written or loaded."""
+    d = exp.data
+    task = task_of(d)
+    splits = {}
+    for field in ("train_split", "eval_split"):
+        examples = load_split(task, getattr(d, field))
+        if not examples:
+            raise DataError(f"data.{field}={getattr(d, field)!r}: {task.describe()} has no questions in it "
+                            "(a validation split held out of train is a tenth of a train split under 5,000 rows)")
+        splits[field] = examples
+    return task, splits["train_split"], splits["eval_split"][: d.eval_size or None]
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """What every update of a run reads and none changes."""
@@ -88,6 +103,7 @@ class Setup:
     exp: Experiment
     mesh: jax.sharding.Mesh
     config: ModelConfig
+    task: Task
     tokenizer: Any
     fmt: PromptFormat
     sampling: SamplingConfig
@@ -105,8 +121,8 @@ class Setup:
         return merge_jit(self.lora, self.base, params) if self.lora else params
 
 
-def set_up(exp: Experiment, tokenizer, progress: bool) -> tuple[Setup, dict]:
-    """The run's mesh, model, data and optimizer; and its starting state {"params", "opt_state"}:
+def set_up(exp: Experiment, data: tuple, tokenizer, progress: bool) -> tuple[Setup, dict]:
+    """The run's mesh, model, `data` (`load_data`) and optimizer; and its starting state {"params", "opt_state"}:
     the full params, or a LoRA run's adapters (replicated: ~0.5% of the params, so that each
     device's update is local), and the optimizer state, in the shardings every update keeps."""
     t, sft = exp.train, exp.train.method == "sft"
@@ -116,8 +132,8 @@ def set_up(exp: Experiment, tokenizer, progress: bool) -> tuple[Setup, dict]:
         raise ExperimentError(f"mesh: {e} (mesh.data, mesh.fsdp, mesh.tensor)") from None
     config, params, tokenizer_dir = load_policy(exp, progress, mesh)
     tokenizer = tokenizer or load_tokenizer(tokenizer_dir)
-    fmt = prompt_format(tokenizer)
-    eval_set = load_task(exp.data.task, exp.data.eval_split, exp.data.source or None)[: exp.data.eval_size or None]
+    task, train_set, eval_set = data
+    fmt = prompt_format(tokenizer, task.stop_strings)
     sampling = SamplingConfig(
         max_new_tokens=exp.rollout.max_new_tokens, temperature=exp.rollout.temperature,
         num_samples=exp.rollout.num_samples, stop_token_ids=fmt.stop_token_ids,
@@ -135,9 +151,9 @@ def set_up(exp: Experiment, tokenizer, progress: bool) -> tuple[Setup, dict]:
     opt_shardings = opt_state_shardings(mesh, optimizer, jax.eval_shape(optimizer.init, params), params_shardings)
     params, opt_state = commit((params, jax.jit(optimizer.init, out_shardings=opt_shardings)(params)))
     rows = t.questions_per_update * (1 if sft else exp.rollout.num_samples)
-    setup = Setup(exp, mesh, config, tokenizer, fmt, sampling, optimizer, schedule(exp.optim, t.updates), lora, base,
-                  ref_params,
-                  micro_batch_rows(t.micro_batch, rows, mesh), Batches(exp, tokenizer, fmt, mesh, sampling), eval_set)
+    batches = Batches(exp, task, train_set, tokenizer, fmt, mesh, sampling)
+    setup = Setup(exp, mesh, config, task, tokenizer, fmt, sampling, optimizer, schedule(exp.optim, t.updates), lora,
+                  base, ref_params, micro_batch_rows(t.micro_batch, rows, mesh), batches, eval_set)
     return setup, {"params": params, "opt_state": opt_state}
 
 
@@ -185,6 +201,10 @@ def sft_step(setup: Setup, update_step, state: dict, step: int, key):
 
 
 STEPS: dict[str, Callable] = {"latro": latro_step, "sft": sft_step}
+# The progress bar's metrics; rationales shrinking to nothing (on a recall task, where reasoning
+# does not raise the answer's likelihood) show there as they do.
+POSTFIX = {"loss": "loss", "reward_mean": "reward_mean", "kl_mean": "kl_mean", "rationale_length_mean": "len",
+           "empty_rationale_fraction": "empty"}
 
 
 def eval_due(t: TrainSpec, step: int) -> bool:
@@ -206,7 +226,7 @@ def evaluate_step(setup: Setup, state: dict, step: int, log: RunLog, checkpoints
     exp = setup.exp
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(exp.train.seed), EVAL_STREAM), step)
     result = evaluate(setup.config, setup.policy(state["params"]), setup.tokenizer, setup.fmt, setup.eval_set,
-                      exp.data.task, exp.rollout.max_new_tokens, exp.train.maj_k, key,
+                      setup.task, exp.rollout.max_new_tokens, exp.train.maj_k, key,
                       progress=progress and is_primary())
     accuracies = {k: v for k, v in result.items() if k.endswith("accuracy")}
     log.write(step, {f"eval/{k}": v for k, v in accuracies.items()})
@@ -229,8 +249,9 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
     runs this same function, process 0 writes the logs (`runs`).
     """
     t = exp.train
+    data = load_data(exp)
     start_run_dir(exp)
-    setup, state = set_up(exp, tokenizer, progress)
+    setup, state = set_up(exp, data, tokenizer, progress)
     checkpoints = Checkpoints(exp)
     state, step = checkpoints.restore(state)  # pi_0 is the starting weights: checkpoints keep no copy
     log = RunLog(exp.run_dir, exp, step)
@@ -254,7 +275,7 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                 step, done_here = step + 1, done_here + 1
                 log.write(step, metrics)
                 bar.update()
-                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "reward_mean", "kl_mean") if k in metrics})
+                bar.set_postfix({name: f"{metrics[k]:.3g}" for k, name in POSTFIX.items() if k in metrics})
                 # Saved before an evaluation (minutes at the paper's sizes), so that a kill during it
                 # loses no update; a stop requested by then skips the evaluation, which the resumed
                 # run does first.

@@ -25,9 +25,9 @@ from latro_jax.train import run
 from shared_tokenizers import built
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-EXPERIMENTS = sorted(  # the paper's experiments; the demo makes its own model (tests/test_demo.py)
-    f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "experiments"))
-    if f.endswith(".py") and not f.startswith("_") and f != "demo.py"
+EXPERIMENTS = sorted(  # the paper's experiments; the demo makes its own model (tests/test_demo.py), custom
+    f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "experiments"))  # (test_tasks.py)
+    if f.endswith(".py") and not f.startswith("_") and f not in ("demo.py", "custom.py")
 )
 STAND_INS = {  # experiment's model -> (HF model_type of the stand-in, tokenizer in the shared data)
     "llama": ("llama", "llama3"),

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from latro_jax.objective import (
-    ObjectiveConfig, answer_rewards, kl_penalised_rewards, rloo_advantages, rollout_advantages, surrogate_loss,
+    AnswerLogprobs, ObjectiveConfig, answer_rewards, kl_penalised_rewards, rloo_advantages, rollout_advantages,
+    self_rewards, surrogate_loss,
 )
 from latro_jax.scoring import masked_sum
 
@@ -417,3 +418,154 @@ def test_jit_traces_once_per_shape():
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"ObjectiveConfig.{field}="):
         ObjectiveConfig(**kwargs)
+
+
+# --- self-reward variants and the no-rationale baseline ----------------------------------------
+# Per-token answer log-probs chosen as logs of powers of 2, so every reward is exact in ln 2.
+#   row 0: (log 1/2, log 1/4 | masked 99), |T| = 2; row 1: (log 1/4, log 1/4, log 1/2), |T| = 3
+#   tokens before the answer (reference_compat's extra one): row 0 log 1/2, row 1 log 1/4
+
+LN2 = float(np.log(2.0))
+
+
+def hand_answers():
+    return AnswerLogprobs(
+        logprobs=jnp.log(jnp.array([[0.5, 0.25, 1.0], [0.25, 0.25, 0.5]])).at[0, 2].set(99.0),
+        mask=jnp.array([[True, True, False], [True, True, True]]),
+        last_context=jnp.log(jnp.array([0.5, 0.25])),
+    )
+
+
+@pytest.mark.parametrize(
+    "reward,expected,expected_compat",
+    [
+        # row 0: sum = log(1/2 * 1/4) = -3 ln2; with the extra 1/2: -4 ln2.
+        # row 1: sum = log(1/4 * 1/4 * 1/2) = -5 ln2; with the extra 1/4: -7 ln2.
+        ("logprob", [-3 * LN2, -5 * LN2], [-4 * LN2, -7 * LN2]),
+        # the sums over |T| = (2, 3); with the extra token |T| = (3, 4).
+        ("mean_logprob", [-3 * LN2 / 2, -5 * LN2 / 3], [-4 * LN2 / 3, -7 * LN2 / 4]),
+        # exp(sum): 1/8, 1/32; with the extra token 1/16, 1/128.
+        ("prob", [0.125, 0.03125], [0.0625, 0.0078125]),
+        # mean of the probabilities: (1/2 + 1/4) / 2 = 0.375, (1/4 + 1/4 + 1/2) / 3 = 1/3;
+        # with the extra token (1/2 + 1/2 + 1/4) / 3 = 5/12, (1/4 + 1/4 + 1/4 + 1/2) / 4 = 0.3125.
+        ("mean_prob", [0.375, 1 / 3], [5 / 12, 0.3125]),
+    ],
+)
+def test_self_rewards_by_hand(reward, expected, expected_compat):
+    nonstop = {"nonstop_coef": 0.0}
+    got = self_rewards(ObjectiveConfig(beta=0.0, reward=reward, **nonstop), hand_answers())
+    assert got.dtype == jnp.float32
+    close(got, expected)
+    close(self_rewards(ObjectiveConfig(beta=0.0, reward=reward, reference_compat=True, **nonstop), hand_answers()),
+          expected_compat)
+
+
+def test_self_rewards_of_a_row_without_answer_tokens_are_finite():
+    answers = AnswerLogprobs(jnp.zeros((1, 2)), jnp.zeros((1, 2), bool), jnp.zeros(1))
+    for reward in ("logprob", "mean_logprob", "mean_prob"):
+        close(self_rewards(ObjectiveConfig(beta=0.0, reward=reward, nonstop_coef=0.0), answers), [0.0])
+
+
+def test_no_rationale_baseline_by_hand():
+    """reward="logprob" with the no-rationale baseline, 2 questions x K=2, row 2 unfinished.
+    R(z) = (-1, -3 | -1, -0.5). R(empty) from the per-token log-probs of each question's answer
+    after the bare prompt: (-1 - 1, -1.5) = (-2, -1.5). R' = max(0, R(z) - R(empty)):
+    (1, -1 -> 0 | 0.5, 1), the second row clipped; mean R' = 2.5 / 4 = 0.625.
+    Non-stop penalty, coef 0.5: row 2 gets 0.5 * 0.625 = 0.3125 -> (1, 0, 0.3125, 1).
+    KL: log pi - log pi0 = (1, 0, 0.5, 0), beta 0.5: r = (0.5, 0, 0.0625, 1).
+    RLOO, K=2: A = (0.5, -0.5, 0.0625 - 1, 1 - 0.0625) = (0.5, -0.5, -0.9375, 0.9375)."""
+    cfg = ObjectiveConfig(beta=0.5, nonstop_coef=0.5, reward_baseline="no_rationale")
+    no_rationale = AnswerLogprobs(
+        logprobs=jnp.array([[-1.0, -1.0, 42.0], [-1.5, 42.0, 42.0]]),
+        mask=jnp.array([[True, True, False], [True, False, False]]),
+        last_context=jnp.array([-7.0, -7.0]),  # not counted without reference_compat
+    )
+    advantages, rewards, metrics = rollout_advantages(
+        cfg, 2, jnp.array([-10.0, -12.0, -8.0, -9.0]), jnp.array([-11.0, -12.0, -8.5, -9.0]),
+        jnp.array([-1.0, -3.0, -1.0, -0.5]), jnp.array([True, True, False, True]), no_rationale=no_rationale,
+    )
+    close(rewards, [0.5, 0.0, 0.0625, 1.0])
+    close(advantages, [0.5, -0.5, -0.9375, 0.9375])
+    close(metrics["answer_reward_mean"], 0.625)  # R', before the non-stop penalty
+    close(metrics["no_rationale_reward_mean"], -1.75)
+    close(metrics["reward_mean"], 1.5625 / 4)
+
+
+def test_prob_reward_with_the_baseline_and_the_extra_token_by_hand():
+    """reward="prob", reference_compat, the no-rationale baseline, one question x K=2, row 1
+    unfinished, beta 0. Extra tokens count: R(z) = (1/2 * 1/2 * 1/2, 1/2 * 1/2) = (0.125, 0.25);
+    R(empty) = 1/2 * 1/2 * 1/4 = 0.0625; R' = (0.0625, 0.1875). Non-stop coef 0: row 1 gets 0.
+    r = (0.0625, 0); A = (0.0625, -0.0625). The positional answer sums (the "logprob" reward's)
+    are not used."""
+    cfg = ObjectiveConfig(beta=0.0, nonstop_coef=0.0, reward="prob", reward_baseline="no_rationale",
+                          reference_compat=True)
+    half = float(np.log(0.5))
+    answer = AnswerLogprobs(jnp.array([[half, half], [half, 99.0]]), jnp.array([[True, True], [True, False]]),
+                            jnp.array([half, half]))
+    empty = AnswerLogprobs(jnp.array([[half, 2 * half]]), jnp.array([[True, True]]), jnp.array([half]))
+    advantages, rewards, metrics = rollout_advantages(
+        cfg, 2, jnp.zeros(2), jnp.zeros(2), jnp.array([5.0, 5.0]), jnp.array([True, False]),
+        answer_logprobs=answer, no_rationale=empty,
+    )
+    close(rewards, [0.0625, 0.0])
+    close(advantages, [0.0625, -0.0625])
+    close(metrics["answer_reward_mean"], 0.125)
+    close(metrics["no_rationale_reward_mean"], 0.0625)
+
+
+@pytest.mark.parametrize("reference_compat", [False, True])
+def test_default_reward_ignores_the_new_arguments_bit_for_bit(reference_compat):
+    """The default (reward="logprob", no baseline) is LaTRO's R, from the given sums: passing the
+    per-token log-probs too changes no bit of the advantages, rewards or metrics."""
+    rng = np.random.default_rng(7)
+    n, k, a = 8, 4, 5
+    policy, ref, sums, last = (jnp.asarray(rng.normal(loc=-5.0, size=n), jnp.float32) for _ in range(4))
+    finished = jnp.asarray(rng.random(n) < 0.7)
+    answer = AnswerLogprobs(jnp.asarray(rng.normal(size=(n, a)), jnp.float32), jnp.ones((n, a), bool), last)
+    empty = AnswerLogprobs(answer.logprobs[: n // k], answer.mask[: n // k], last[: n // k])
+    cfg = ObjectiveConfig(beta=0.05, reference_compat=reference_compat)
+    for run in (rollout_advantages, jax.jit(rollout_advantages, static_argnums=(0, 1))):  # eager, then compiled
+        before = run(cfg, k, policy, ref, sums, finished, last)
+        after = run(cfg, k, policy, ref, sums, finished, last, answer_logprobs=answer, no_rationale=empty)
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, after), jax.tree.map(np.asarray, before))
+
+
+def test_self_rewards_need_their_inputs():
+    zeros, finished = jnp.zeros(4), jnp.ones(4, bool)
+    answer = AnswerLogprobs(jnp.zeros((4, 3)), jnp.ones((4, 3), bool), jnp.zeros(4))
+    with pytest.raises(ValueError, match="reward='mean_prob' needs answer_logprobs"):
+        rollout_advantages(ObjectiveConfig(beta=0.0, reward="mean_prob", nonstop_coef=0.0), 2, zeros, zeros, zeros,
+                           finished)
+    baseline = ObjectiveConfig(beta=0.0, reward_baseline="no_rationale", nonstop_coef=0.0)
+    with pytest.raises(ValueError, match="reward_baseline='no_rationale' needs no_rationale"):
+        rollout_advantages(baseline, 2, zeros, zeros, zeros, finished)
+    with pytest.raises(ValueError, match="N/k = 4/2 questions"):  # one row per question: 2, not 4
+        rollout_advantages(baseline, 2, zeros, zeros, zeros, finished, no_rationale=answer)
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"beta": 0.1, "reward": "sum"}, "reward"),
+        ({"beta": 0.1, "reward": None}, "reward"),
+        ({"beta": 0.1, "reward_baseline": "empty"}, "reward_baseline"),
+        ({"beta": 0.1, "reward": "prob"}, "nonstop_coef"),  # the default nonstop_coef, 2
+        ({"beta": 0.1, "reward": "mean_prob", "nonstop_coef": 2.0}, "nonstop_coef"),
+        ({"beta": 0.1, "reward_baseline": "no_rationale", "nonstop_coef": 2.0}, "nonstop_coef"),
+        ({"beta": 0.1, "reward": "mean_logprob", "reward_baseline": "no_rationale", "nonstop_coef": 1.0},
+         "nonstop_coef"),
+    ],
+)
+def test_reward_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"ObjectiveConfig.{field}=") as error:
+        ObjectiveConfig(**kwargs)
+    if field == "nonstop_coef":
+        assert "a penalty only with nonstop_coef < 1" in str(error.value)
+        assert "ObjectiveConfig.nonstop_coef=0" in str(error.value)
+
+
+def test_nonnegative_rewards_accept_a_nonstop_coef_below_one():
+    for reward in ("prob", "mean_prob"):
+        ObjectiveConfig(beta=0.1, reward=reward, nonstop_coef=0.0)
+    ObjectiveConfig(beta=0.1, reward_baseline="no_rationale", nonstop_coef=0.5)
+    ObjectiveConfig(beta=0.1, reward="mean_logprob")  # a log-prob: the default coef 2 is a penalty

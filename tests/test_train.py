@@ -5,6 +5,7 @@ summation order); 1e-6 on params after micro-batched vs whole-batch accumulation
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -19,10 +20,10 @@ import latro_jax.scoring
 from latro_jax.config import ModelConfig
 from latro_jax.experiment import OptimSpec
 from latro_jax.model import init_params
-from latro_jax.objective import ObjectiveConfig, rollout_advantages
-from latro_jax.sampling import SamplingConfig
+from latro_jax.objective import AnswerLogprobs, ObjectiveConfig, rollout_advantages
+from latro_jax.sampling import SamplingConfig, sample_tokens
 from latro_jax.scoring import masked_sum, token_logprobs
-from latro_jax.rollout import Questions, pad_questions, question_slots, rollout
+from latro_jax.rollout import Questions, pad_questions, question_slots, rollout, score_rows
 from latro_jax.sharding import micro_batches, unmicro_batches
 from latro_jax.update import applied_updates, latro_rows_loss, make_optimizer, reference_params, update
 
@@ -350,3 +351,88 @@ def test_micro_batch_counts_rows_per_batch_shard():
     assert micro_batch_rows(8, 16, mesh(2, 2, 1)) == 16  # all rows at once
     assert micro_batch_rows(5, 384, mesh(1, 8, 1)) == 32  # 48 rows per shard: 4 at a time
     assert micro_batch_rows(4, 384, mesh(1, 5, 1)) == 16  # 384 rows do not split over 5 shards
+
+
+
+def answers_after_context(logprobs, answer_mask, last_context):
+    """AnswerLogprobs of per-token log-probs [M, S] over packed rows: each row's answer entries
+    (where answer_mask [M, S]) moved to the left of an [M, A] array, A the longest answer."""
+    logprobs, answer_mask = np.asarray(logprobs), np.asarray(answer_mask)
+    lengths = answer_mask.sum(1)
+    mask = np.arange(lengths.max())[None] < lengths[:, None]
+    answer = np.zeros(mask.shape, np.float32)
+    answer[mask] = logprobs[answer_mask]
+    return AnswerLogprobs(jnp.asarray(answer), jnp.asarray(mask), jnp.asarray(last_context, jnp.float32))
+
+
+def no_rationale_rescored(params):
+    """Each question's gold answer scored right after its unpadded prompt by the model's logits
+    (log_softmax of a plain forward, one question at a time): AnswerLogprobs of [Q, A] rows."""
+    rows, answer_masks, last = [], [], []
+    width = max(map(len, PROMPTS)) + max(map(len, ANSWERS))
+    for prompt, gold in zip(PROMPTS, ANSWERS):
+        tokens = jnp.asarray([prompt + gold])
+        logits, _ = latro_jax.model.forward(CONFIG, params, tokens, jnp.arange(tokens.shape[1])[None])
+        predicted = jnp.take_along_axis(jax.nn.log_softmax(logits[0, :-1]), tokens[0, 1:, None], axis=-1)[:, 0]
+        row = np.zeros(width, np.float32)
+        row[1 : tokens.shape[1]] = predicted  # entry t: log p(token t | tokens before it)
+        rows.append(row)
+        answer_masks.append((np.arange(width) >= len(prompt)) & (np.arange(width) < tokens.shape[1]))
+        last.append(row[len(prompt) - 1])
+    return answers_after_context(np.stack(rows), np.stack(answer_masks), last)
+
+
+def test_no_rationale_scores_equal_a_full_forward(scored):
+    """score_rows(no_rationale=True) scores each question's answer after the left-padded prompt
+    (one forward over Q rows): the answer's per-token log-probs and the last prompt token's
+    (reference_compat's extra token) equal those of a plain forward over the unpadded prompt +
+    answer (1e-5: float32, other padding). The sampled rows' scores are unchanged by it."""
+    params, ref, _, _ = scored
+    qs = questions(PROMPTS, ANSWERS, SAMPLING)
+    sampling = dataclasses.replace(SAMPLING, cache_room=qs.answers.shape[1] + 2)
+    out = sample_tokens(CONFIG, params, qs.prompt_tokens, qs.prompt_mask, jax.random.key(0), sampling)
+    _, plain = score_rows(CONFIG, params, ref, out, qs)
+    _, scores = score_rows(CONFIG, params, ref, out, qs, no_rationale=True)
+    assert plain.no_rationale is None
+    expected, got = no_rationale_rescored(params), scores.no_rationale
+    width = expected.mask.shape[1]
+    np.testing.assert_array_equal(np.asarray(got.mask)[:, :width], expected.mask)
+    assert not np.asarray(got.mask)[:, width:].any() and not np.asarray(got.logprobs)[:, width:].any()
+    np.testing.assert_allclose(np.asarray(got.logprobs)[:, :width], expected.logprobs, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got.last_context), expected.last_context, atol=1e-5)
+    assert np.all(np.asarray(expected.last_context) < 0)  # real scores, not padding's zeros
+    jax.tree.map(np.testing.assert_array_equal, scores._replace(no_rationale=None), plain)
+    # The sampled rows' per-token answer log-probs add up to their R.
+    np.testing.assert_allclose(np.asarray(masked_sum(scores.answer_logprobs, scores.answer_mask)),
+                               np.asarray(scores.answer), atol=1e-6)
+
+
+def test_mean_prob_with_the_no_rationale_baseline_in_chunks(scored):
+    """reward="mean_prob" (RLPR), the no-rationale baseline, the extra token of reference_compat,
+    nonstop_coef=0, sampled in two chunks of one question: the rewards and advantages are those
+    computed from scratch over all rows at once, every log-prob from plain forwards over the
+    packed rows and over each prompt + answer (1e-5: means of probabilities, float32). Some
+    rows' R(z) - R(empty) is positive, so the clipped baseline leaves a signal."""
+    params, ref, _, _ = scored
+    objective = ObjectiveConfig(beta=0.05, nonstop_coef=0.0, reward="mean_prob", reward_baseline="no_rationale",
+                                reference_compat=True)
+    chunked, out = rollout(CONFIG, objective, SAMPLING, params, ref, questions(PROMPTS, ANSWERS, SAMPLING),
+                           jax.random.key(0), rollout_batch=1)
+    assert_finished_and_not(out)
+    logprobs = token_logprobs(CONFIG, params, chunked.tokens, chunked.attention_mask)
+    context = np.asarray(chunked.attention_mask & ~chunked.answer_mask)
+    last_context = context.shape[1] - 1 - np.argmax(context[:, ::-1], axis=1)
+    answer = answers_after_context(logprobs, chunked.answer_mask,
+                                   np.asarray(logprobs)[np.arange(len(last_context)), last_context])
+    policy = masked_sum(logprobs, chunked.rationale_mask)
+    ref_sums = masked_sum(token_logprobs(CONFIG, ref, chunked.tokens, chunked.attention_mask), chunked.rationale_mask)
+    unused_sums = jnp.full(policy.shape, jnp.nan)  # the "logprob" reward's
+    advantages, rewards, metrics = rollout_advantages(objective, SAMPLING.num_samples, policy, ref_sums, unused_sums,
+                                                      out.finished, answer_logprobs=answer,
+                                                      no_rationale=no_rationale_rescored(params))
+    np.testing.assert_allclose(np.asarray(chunked.rewards), np.asarray(rewards), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(chunked.advantages), np.asarray(advantages), atol=1e-5)
+    for name in ("answer_reward_mean", "no_rationale_reward_mean"):
+        np.testing.assert_allclose(chunked.metrics[name], metrics[name], atol=1e-6)
+    assert float(metrics["answer_reward_mean"]) > 0
+    np.testing.assert_allclose(chunked.metrics["empty_rationale_fraction"], np.mean(np.asarray(out.lengths) == 0))

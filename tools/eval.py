@@ -1,14 +1,19 @@
 """Evaluate a model on a task split: greedy accuracy and maj@k, written to results.json.
 
     python tools/eval.py MODEL --task gsm8k --split test [--maj-k 8] [--limit 100] [--out results.json]
+    python tools/eval.py runs/custom/best/40 --split test          # the run's own task settings
+    python tools/eval.py MODEL --task custom data.path=my_qa.jsonl data.question_field=q data.match=normalized
 
 MODEL is a latro-jax model checkpoint (`make convert` output), a training run's checkpoint step
-(runs/<exp>/best/<step> or runs/<exp>/checkpoints/<step>), or an HF directory / hub id.
+(runs/<exp>/best/<step> or runs/<exp>/checkpoints/<step>), or an HF directory / hub id. The task
+is --task, or a run step's own (its config.json's data settings); `data.field=value` settings
+(as `make train` takes them) change it, e.g. a custom task's path, fields and match rule.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -35,12 +40,32 @@ def load(model: str, dtype: str):
     return config, params, model  # the HF directory (or hub id) holds the tokenizer
 
 
+def task_settings(model: str, task: str | None, source: str | None, overrides: list[str]):
+    """The data settings (`experiment.DataSpec`) of the evaluation: --task, or a run step's own, then
+    --source and the `data.field=value` overrides."""
+    from latro_jax.experiment import DataSpec, Experiment, ExperimentError, apply_overrides, validate_data
+    from latro_jax.runs import is_run_step, run_experiment
+
+    if task is None and not is_run_step(model):
+        raise ExperimentError("--task is needed (gsm8k, arc_challenge, arithmetic or custom) unless MODEL is a "
+                              "training run's checkpoint step, whose task is the run's")
+    data = run_experiment(model).data if task is None else DataSpec(task=task)
+    if source is not None:
+        data = dataclasses.replace(data, source=source)
+    bad = [o for o in overrides if not o.startswith("data.")]
+    if bad:
+        raise ExperimentError(f"{bad[0]!r}: only data.field=value settings are taken here (e.g. data.path=my_qa.jsonl)")
+    return validate_data(apply_overrides(Experiment(name="eval", data=data), overrides).data)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
-    parser.add_argument("--task", choices=["gsm8k", "arc_challenge", "arithmetic"], required=True)
+    parser.add_argument("settings", nargs="*", help="data.field=value: the task's settings, as make train takes them")
+    parser.add_argument("--task", choices=["gsm8k", "arc_challenge", "arithmetic", "custom"], default=None,
+                        help="default: a run step's own task")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--source", default=None, help="local jsonl directory (default: the HF hub)")
+    parser.add_argument("--source", default=None, help="a built-in task's local jsonl directory (default: the HF hub)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: the model's)")
     parser.add_argument("--maj-k", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=500)
@@ -49,22 +74,25 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results.json")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     import jax
 
     from latro_jax.data.prompts import load_tokenizer, prompt_format
-    from latro_jax.data.tasks import load_task
+    from latro_jax.data.tasks import load_split, task_of
     from latro_jax.evaluate import evaluate
 
+    task = task_of(task_settings(args.model, args.task, args.source, args.settings))
+    examples = load_split(task, args.split)[: args.limit or None]  # bad data stops here, before the model loads
     config, params, tokenizer_dir = load(args.model, args.dtype)
     tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir)
-    examples = load_task(args.task, args.split, args.source)[: args.limit or None]
-    result = evaluate(config, params, tokenizer, prompt_format(tokenizer), examples, args.task, args.max_new_tokens,
+    result = evaluate(config, params, tokenizer, prompt_format(tokenizer), examples, task, args.max_new_tokens,
                       args.maj_k, jax.random.key(args.seed), args.batch_size)
-    result = {"model": args.model, "task": args.task, "split": args.split, **result}
+    result = {"model": args.model, "task": task.name, "split": args.split, **result}
+    if task.name == "custom":
+        result["data"] = dataclasses.asdict(task)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"{args.task}/{args.split} ({result['examples']} questions): greedy {result['greedy_accuracy']:.4f}, "
+    print(f"{task.describe()}/{args.split} ({result['examples']} questions): greedy {result['greedy_accuracy']:.4f}, "
           f"maj@{args.maj_k} {result[f'maj@{args.maj_k}_accuracy']:.4f} -> {args.out}")
 
 

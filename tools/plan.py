@@ -252,7 +252,8 @@ def plan(exp, config, device_memory: int, prompt_len: int, answer_len: int) -> d
             update_kwargs = {"frozen": base}
         programs = {
             "sample": sample_padded.lower(*sampler_args),
-            "score": score_rows.lower(*score_args, score_batch=exp.train.score_batch),
+            "score": score_rows.lower(*score_args, score_batch=exp.train.score_batch,
+                                      no_rationale=exp.objective.reward_baseline == "no_rationale"),
             "update": update_jit(trained, opt_state).lower(*update_args, **update_kwargs),
         }
         analyses = {name: lowered.compile().memory_analysis() for name, lowered in programs.items()}

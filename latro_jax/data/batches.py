@@ -8,7 +8,7 @@ import functools
 import numpy as np
 
 from latro_jax.data.prompts import PromptFormat, encode_answers, encode_prompts, encode_texts
-from latro_jax.data.tasks import load_task
+from latro_jax.data.tasks import Example, Task
 from latro_jax.experiment import Experiment
 from latro_jax.rollout import pad_questions, question_slots
 from latro_jax.sampling import SamplingConfig, bucket
@@ -43,9 +43,10 @@ class Batches:
     mesh: padded questions for a rollout, or SFT rows (prompt + gold completion). Each process
     tokenizes only the rows its devices hold, each example once, when first drawn."""
 
-    def __init__(self, exp: Experiment, tokenizer, fmt: PromptFormat, mesh, sampling: SamplingConfig):
+    def __init__(self, exp: Experiment, task: Task, examples: list[Example], tokenizer, fmt: PromptFormat, mesh,
+                 sampling: SamplingConfig):
         self.exp, self.tokenizer, self.fmt, self.mesh, self.sampling = exp, tokenizer, fmt, mesh, sampling
-        self.examples = load_task(exp.data.task, exp.data.train_split, exp.data.source or None)
+        self.task, self.examples = task, examples
         self.sft = exp.train.method == "sft"
         self.mine = process_rows(mesh, exp.train.questions_per_update)  # the same rows of every update
         self.tokenized: dict[int, tuple[list[int], list[int]]] = {}
@@ -71,7 +72,8 @@ class Batches:
             examples = [self.examples[i] for i in new]
             prompts = encode_prompts(tokenizer, fmt, [e.question for e in examples])
             gold = [self.sft and self.exp.data.sft_target != "answer" and e.rationale is not None for e in examples]
-            answers = iter(encode_answers(tokenizer, fmt, [e.answer for e, g in zip(examples, gold) if not g]))
+            answers = iter(encode_answers(tokenizer, fmt, [e.answer for e, g in zip(examples, gold) if not g],
+                                          self.task.answer_template))
             rationales = iter(encode_texts(tokenizer, [e.rationale + fmt.end_token
                                                        for e, g in zip(examples, gold) if g]))
             targets = [next(rationales) if g else next(answers) for g in gold]

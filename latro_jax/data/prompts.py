@@ -142,11 +142,12 @@ def encode_prompts(
 
 
 def encode_answers(
-    tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, answers: Sequence[str]
+    tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, answers: Sequence[str], template: str = ANSWER_TEMPLATE
 ) -> list[list[int]]:
-    """Token ids of "The answer is {answer}." + end token, tokenized on their own without special
-    tokens added (as released: the suffix is tokenized apart from the rationale it follows)."""
-    return encode_texts(tokenizer, [ANSWER_TEMPLATE.format(answer=a) + fmt.end_token for a in answers])
+    """Token ids of "The answer is {answer}." (`template`) + end token, tokenized on their own
+    without special tokens added (as released: the suffix is tokenized apart from the rationale
+    it follows)."""
+    return encode_texts(tokenizer, [template.format(answer=a) + fmt.end_token for a in answers])
 
 
 def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
