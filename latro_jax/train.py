@@ -28,14 +28,14 @@ from latro_jax.config import ModelConfig
 from latro_jax.convert.hf import convert_hf
 from latro_jax.data.batches import Batches
 from latro_jax.data.prompts import PromptFormat, load_tokenizer, prompt_format
-from latro_jax.data.tasks import DataError, Example, Task, load_split, task_of
+from latro_jax.data.tasks import Task, run_data
 from latro_jax.evaluate import evaluate
 from latro_jax.experiment import Experiment, ExperimentError, TrainSpec
 from latro_jax.lora import LoraConfig, LoraRowsLoss, init_adapters, lora_config, merge_jit
 from latro_jax.pretrain import pretrained_base
 from latro_jax.rollout import rollout, rollout_samples
 from latro_jax.runs import (
-    Checkpoints, Interrupted, RunLog, asked_to_stop, base_checkpoint, start_run_dir, stop_requests,
+    Checkpoints, Interrupted, RunLog, asked_to_stop, base_checkpoint, check_resumable, start_run_dir, stop_requests,
 )
 from latro_jax.sampling import SamplingConfig
 from latro_jax.sharding import global_max, is_primary, make_mesh, micro_batch_rows, opt_state_shardings, to_host
@@ -62,6 +62,10 @@ def starting_checkpoint(exp: Experiment, progress: bool = True) -> str:
                 f"`make convert SRC={exp.model.hf} OUT={checkpoint}` once (one process), or set model.checkpoint"
             )
         convert_hf(exp.model.hf, checkpoint, param_dtype="float32")
+    return require_checkpoint(checkpoint)
+
+
+def require_checkpoint(checkpoint: str) -> str:
     if not is_checkpoint(checkpoint):
         raise ExperimentError(
             f"model.checkpoint={checkpoint!r} is not a latro-jax checkpoint. Convert the HF weights first "
@@ -81,19 +85,18 @@ def load_policy(exp: Experiment, progress: bool = True, mesh=None) -> tuple[Mode
     return config, params, exp.model.tokenizer or os.path.join(checkpoint, HF_DIR)
 
 
-def load_data(exp: Experiment) -> tuple[Task, list[Example], list[Example]]:
-    """The run's task and its training and evaluation examples (the first data.eval_size), read
-    and checked before anything is written or loaded."""
-    d = exp.data
-    task = task_of(d)
-    splits = {}
-    for field in ("train_split", "eval_split"):
-        examples = load_split(task, getattr(d, field))
-        if not examples:
-            raise DataError(f"data.{field}={getattr(d, field)!r}: {task.describe()} has no questions in it "
-                            "(a validation split held out of train is a tenth of a train split under 5,000 rows)")
-        splits[field] = examples
-    return task, splits["train_split"], splits["eval_split"][: d.eval_size or None]
+def checked_start(exp: Experiment) -> tuple[jax.sharding.Mesh, tuple]:
+    """The run's mesh and data (`tasks.run_data`), after every check that needs no weights: a
+    rerun may resume what the run directory holds, the mesh fits the devices, model.checkpoint is
+    a checkpoint, the data reads. Nothing is written or loaded before they pass."""
+    check_resumable(exp.run_dir, exp)
+    try:
+        mesh = make_mesh(exp.mesh)
+    except ValueError as e:
+        raise ExperimentError(f"mesh: {e} (mesh.data, mesh.fsdp, mesh.tensor)") from None
+    if not exp.pretrain.updates and exp.model.checkpoint:
+        require_checkpoint(exp.model.checkpoint)
+    return mesh, run_data(exp.data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,15 +124,12 @@ class Setup:
         return merge_jit(self.lora, self.base, params) if self.lora else params
 
 
-def set_up(exp: Experiment, data: tuple, tokenizer, progress: bool) -> tuple[Setup, dict]:
-    """The run's mesh, model, `data` (`load_data`) and optimizer; and its starting state {"params", "opt_state"}:
-    the full params, or a LoRA run's adapters (replicated: ~0.5% of the params, so that each
-    device's update is local), and the optimizer state, in the shardings every update keeps."""
+def set_up(exp: Experiment, mesh, data: tuple, tokenizer, progress: bool) -> tuple[Setup, dict]:
+    """The run's model on `mesh`, its `data` (`checked_start`) and optimizer; and its starting state
+    {"params", "opt_state"}: the full params, or a LoRA run's adapters (replicated: ~0.5% of the
+    params, so that each device's update is local), and the optimizer state, in the shardings
+    every update keeps."""
     t, sft = exp.train, exp.train.method == "sft"
-    try:
-        mesh = make_mesh(exp.mesh)
-    except ValueError as e:
-        raise ExperimentError(f"mesh: {e} (mesh.data, mesh.fsdp, mesh.tensor)") from None
     config, params, tokenizer_dir = load_policy(exp, progress, mesh)
     tokenizer = tokenizer or load_tokenizer(tokenizer_dir)
     task, train_set, eval_set = data
@@ -249,9 +249,9 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
     runs this same function, process 0 writes the logs (`runs`).
     """
     t = exp.train
-    data = load_data(exp)
+    mesh, data = checked_start(exp)
     start_run_dir(exp)
-    setup, state = set_up(exp, data, tokenizer, progress)
+    setup, state = set_up(exp, mesh, data, tokenizer, progress)
     checkpoints = Checkpoints(exp)
     state, step = checkpoints.restore(state)  # pi_0 is the starting weights: checkpoints keep no copy
     log = RunLog(exp.run_dir, exp, step)

@@ -21,10 +21,10 @@ import latro_jax.evaluate as evaluate_module
 from latro_jax.data.example import Example
 from latro_jax.data.extraction import AnswerRule, final_answer, normalize
 from latro_jax.data.prompts import STOP_STRINGS, encode_answers, prompt_format
-from latro_jax.data.tasks import DataError, Task, load_split
+from latro_jax.data.tasks import DataError, Task, load_split, run_data
 from latro_jax.evaluate import evaluate, score
 from latro_jax.experiment import DataSpec, ExperimentError, load_experiment
-from latro_jax.train import load_data, run
+from latro_jax.train import run
 from test_experiments import REPO, stand_ins  # noqa: F401 (stand_ins: a fixture)
 
 # Recall questions with one-word answers: reasoning does not help, the gold is free text.
@@ -246,7 +246,7 @@ def test_bad_data_gets_one_line_and_exit_2_and_nothing_is_written(case, tmp_path
         write_jsonl(path, rows)
     output = tmp_path / "runs"
     code, err = train_command(["custom", f"data.path={path}", "data.question_field=q", "data.answer_field=a",
-                               f"model.checkpoint={tmp_path / 'no-model-needed'}", f"train.output_dir={output}",
+                               f"model.hf={tmp_path / 'not-read'}", f"train.output_dir={output}",
                                *overrides], monkeypatch, capsys)
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
@@ -258,13 +258,17 @@ def test_bad_data_gets_one_line_and_exit_2_and_nothing_is_written(case, tmp_path
 # ---- end to end ----------------------------------------------------------------------------------
 
 def custom_experiment(checkpoint, path, output_dir, *overrides):
-    return load_experiment("custom", [
+    return load_experiment("custom", custom_overrides(checkpoint, path, output_dir, *overrides))
+
+
+def custom_overrides(checkpoint, path, output_dir, *overrides):
+    return [
         f"model.checkpoint={checkpoint}", "model.dtype=float32", f"data.path={path}", "data.question_field=q",
         "data.answer_field=a", "data.eval_size=0", "rollout.num_samples=2", "rollout.max_new_tokens=8",
         "train.questions_per_update=2", "train.micro_batch=2", "train.updates=2", "train.eval_every=2",
         "train.save_every=1", "train.maj_k=2", f"train.output_dir={output_dir}", "optim.learning_rate=1e-3",
         "objective.sft_coef=1.0", *overrides,  # the SFT term keeps a gradient flowing (test_experiments.tiny)
-    ])
+    ]
 
 
 def metrics_lines(run_dir):
@@ -287,7 +291,7 @@ def test_a_free_text_task_trains_resumes_and_evaluates_with_normalized_matching(
     assert resumed["step"] == straight["step"] == 2
     jax.tree.map(np.testing.assert_array_equal, resumed["params"], straight["params"])
 
-    task, _, validation = load_data(exp)
+    task, _, validation = run_data(exp.data)
     evaluation = json.load(open(os.path.join(exp.run_dir, "eval_2.json")))
     assert evaluation["examples"] == 2 == len(validation)
     assert [r["gold"] for r in evaluation["rows"]] == [normalize(e.answer) for e in validation]
@@ -311,12 +315,18 @@ def test_a_free_text_task_trains_resumes_and_evaluates_with_normalized_matching(
 
 
 def test_eval_command_reads_the_run_s_task_settings(llama, tmp_path):
-    """`tools/eval.py` (what `make eval` runs) on a custom run's step: the task is the run's own."""
+    """`tools/train.py` and `tools/eval.py` (what `make train` and `make eval` run) on a custom task:
+    the progress bar shows the rationales' length and empty fraction; the evaluation of the run's
+    step reads the run's own task settings."""
     checkpoint, tokenizer = llama
     tokenizer.save_pretrained(os.path.join(checkpoint, "hf"))  # the CLI loads the checkpoint's tokenizer
     path = write_jsonl(tmp_path / "capitals.jsonl", qa_rows())
-    exp = custom_experiment(checkpoint, path, tmp_path, "train.updates=1", "train.eval_every=1")
-    run(exp, tokenizer=tokenizer, progress=False)
+    overrides = custom_overrides(checkpoint, path, tmp_path, "train.updates=1", "train.eval_every=1")
+    trained = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train.py"), "custom", *overrides],
+                             capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "custom: 100%" in trained.stderr and "len=" in trained.stderr and "empty=" in trained.stderr
+    exp = load_experiment("custom", overrides)
     out = tmp_path / "results.json"
     step = os.path.join(exp.run_dir, "best", "1")
     done = subprocess.run([sys.executable, os.path.join(REPO, "tools", "eval.py"), step,
@@ -370,3 +380,18 @@ def test_data_settings_of_a_built_in_task_are_refused():
         validate_data(DataSpec(task="custom", path="x.jsonl", answer_template="Answer"))
     with pytest.raises(ExperimentError, match="needs data.options_field"):
         validate_data(DataSpec(task="custom", path="x.jsonl", match="choice"))
+
+
+def test_the_readme_example_reads_and_its_command_validates(tmp_path):
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme[readme.index("## Your own task"):]
+    example = section[section.index("```json\n") + 8: section.index("```", section.index("```json\n") + 8)]
+    path = tmp_path / "my_qa.jsonl"
+    path.write_text(example)
+    command = section[section.index("make train EXP=custom"): section.index("make eval")]
+    overrides = [word.replace("my_qa.jsonl", str(path)) for word in command.split()[3:] if "=" in word]
+    exp = load_experiment("custom", overrides + [f"train.output_dir={tmp_path}"])
+    task, train, validation = run_data(exp.data)
+    assert len(train) + len(validation) == 10 and len(validation) == 1
+    assert {e.answer for e in train + validation} >= {"Paris", "Jane Austen", "the Pacific Ocean"}
+    assert task.rule.correct("It is the largest. The answer is Pacific ocean.", "the Pacific Ocean")

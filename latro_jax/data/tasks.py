@@ -264,6 +264,21 @@ def load_split(task: Task, split: str) -> list[Example]:
     return [e for e in examples if (e.id in validation) == (split == "validation")]
 
 
+def run_data(data) -> tuple[Task, list[Example], list[Example]]:
+    """A training run's task, and its training and evaluation examples (the first data.eval_size),
+    from an experiment's `data` settings (`experiment.DataSpec`); an empty split is an error."""
+    task = task_of(data)
+    splits = {}
+    for field in ("train_split", "eval_split"):
+        examples = load_split(task, getattr(data, field))
+        if not examples:
+            raise DataError(f"data.{field}={getattr(data, field)!r}: {task.describe()} has no questions in it (a "
+                            "validation split held out of train is a tenth of a train split under "
+                            f"{10 * VALIDATION_SIZE:,} rows)")
+        splits[field] = examples
+    return task, splits["train_split"], splits["eval_split"][: data.eval_size or None]
+
+
 def held_out_ids(train: list[Example]) -> frozenset[str]:
     """Ids of the validation questions held out of a train split: the VALIDATION_SIZE (or, for a
     train list under ten times that, a tenth of it) smallest SHA-256("{seed}\\n{user message}")."""
