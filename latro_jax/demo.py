@@ -26,11 +26,12 @@ import jax
 import numpy as np
 
 from latro_jax.data.prompts import load_tokenizer, prompt_format
-from latro_jax.data.tasks import load_split, task_of
+from latro_jax.data.tasks import load_split, run_data, task_of
 from latro_jax.evaluate import evaluate
 from latro_jax.experiment import Experiment, ExperimentError, PretrainSpec
 from latro_jax.pretrain import pretrained_base, pretrained_path
 from latro_jax.sharding import make_mesh
+from latro_jax.startup import check_writable, run_mesh
 from latro_jax.train import load_policy, run
 
 MODELS = ("base", "sft", "latro")
@@ -58,6 +59,9 @@ def run_demo(exp: Experiment, progress: bool = True) -> dict:
     """All three stages; returns the results (also written to <run>/seed<seed>/results.json)."""
     if jax.process_count() > 1:
         raise ExperimentError("the demo runs in a single process (it writes its results and plot from each one)")
+    check_writable(exp.train.output_dir, "train.output_dir")  # before stage 1's minutes, as a run checks
+    run_mesh(exp)
+    run_data(exp.data)
     stages = stage_experiments(exp)
     out = stages["latro"].train.output_dir
     os.makedirs(out, exist_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import sys
 import typing
@@ -157,6 +158,8 @@ def _check(ok: bool, field: str, value, allowed: str) -> None:
 def validate_data(d: DataSpec) -> DataSpec:
     """Check the data settings: the task, and a custom task's fields, templates and match rule."""
     _check(d.task in TASK_NAMES, "data.task", d.task, f"allowed: {', '.join(TASK_NAMES)}")
+    _check(not (d.task == "arithmetic" and d.source), "data.source", d.source,
+           "must be empty: the arithmetic task is generated, it reads no data")
     if d.task != CUSTOM:
         default = DataSpec()
         for field in CUSTOM_FIELDS:
@@ -177,6 +180,12 @@ def validate_data(d: DataSpec) -> DataSpec:
 
 def validate(exp: Experiment) -> Experiment:
     """Check every field once; the error names the field and what is allowed."""
+    for section in dataclasses.fields(exp):
+        values = getattr(exp, section.name)
+        for field in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
+            value = getattr(values, field.name)
+            _check(not isinstance(value, float) or math.isfinite(value), f"{section.name}.{field.name}", value,
+                   "must be a finite number")
     m, d, r, o, t, p = exp.model, exp.data, exp.rollout, exp.optim, exp.train, exp.pretrain
     if p.updates:
         _check(not m.checkpoint and not m.hf, "model.checkpoint/model.hf", (m.checkpoint, m.hf),
@@ -244,7 +253,9 @@ def _parse(text: str, kind, field: str):
 def apply_overrides(exp: Experiment, overrides: list[str]) -> Experiment:
     """Apply `section.field=value` overrides (e.g. `train.updates=2`), type-checked by field. Each
     section is rebuilt once with all of its overrides, so that a section's own checks across its
-    fields (e.g. objective.reward with objective.nonstop_coef) do not depend on their order."""
+    fields (e.g. objective.reward with objective.nonstop_coef) do not depend on their order. The
+    starting weights are one setting: model.checkpoint=<dir> alone clears the experiment's
+    model.hf, and model.hf=<id> alone its model.checkpoint."""
     changes: dict[str, dict] = {}
     given: dict[str, list[str]] = {}
     for item in overrides:
@@ -263,6 +274,10 @@ def apply_overrides(exp: Experiment, overrides: list[str]) -> Experiment:
         value = _parse(text, hints[field], key)
         changes.setdefault(section_name, {})[field] = value
         given.setdefault(section_name, []).append(f"{key}={value!r}")
+    model = changes.get("model", {})
+    for given_field, other in (("checkpoint", "hf"), ("hf", "checkpoint")):
+        if model.get(given_field) and other not in model:
+            model[other] = ""
     for section_name, fields in changes.items():
         try:
             exp = dataclasses.replace(exp, **{section_name: dataclasses.replace(getattr(exp, section_name), **fields)})

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,22 +24,23 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from latro_jax.checkpoint import HF_DIR, is_checkpoint, load_model
+from latro_jax.checkpoint import HF_DIR, load_model
 from latro_jax.config import ModelConfig
 from latro_jax.convert.hf import convert_hf
 from latro_jax.data.batches import Batches
 from latro_jax.data.prompts import PromptFormat, load_tokenizer, prompt_format
-from latro_jax.data.tasks import Task, run_data
+from latro_jax.data.tasks import Task
 from latro_jax.evaluate import evaluate
 from latro_jax.experiment import Experiment, ExperimentError, TrainSpec
 from latro_jax.lora import LoraConfig, LoraRowsLoss, init_adapters, lora_config, merge_jit
 from latro_jax.pretrain import pretrained_base
 from latro_jax.rollout import rollout, rollout_samples
 from latro_jax.runs import (
-    Checkpoints, Interrupted, RunLog, asked_to_stop, base_checkpoint, check_resumable, start_run_dir, stop_requests,
+    Checkpoints, Interrupted, RunLog, asked_to_stop, base_checkpoint, start_run_dir, stop_requests,
 )
 from latro_jax.sampling import SamplingConfig
-from latro_jax.sharding import global_max, is_primary, make_mesh, micro_batch_rows, opt_state_shardings, to_host
+from latro_jax.sharding import global_max, is_primary, micro_batch_rows, opt_state_shardings, to_host
+from latro_jax.startup import checked_start, require_checkpoint
 from latro_jax.update import (
     applied_updates, commit, latro_rows_loss, make_optimizer, policy_param_dtype, reference_params, schedule,
     sft_rows_loss, update_jit,
@@ -65,16 +67,6 @@ def starting_checkpoint(exp: Experiment, progress: bool = True) -> str:
     return require_checkpoint(checkpoint)
 
 
-def require_checkpoint(checkpoint: str) -> str:
-    if not is_checkpoint(checkpoint):
-        raise ExperimentError(
-            f"model.checkpoint={checkpoint!r} is not a latro-jax checkpoint. Convert the HF weights first "
-            f"(`make convert SRC=<HF dir or hub id> OUT={checkpoint}`), or set model.hf=<HF dir or hub id> "
-            "to convert on first use"
-        )
-    return checkpoint
-
-
 def load_policy(exp: Experiment, progress: bool = True, mesh=None) -> tuple[ModelConfig, Any, str]:
     """The starting weights (restored straight into their shards on `mesh`) in the dtype
     `update.policy_param_dtype` keeps them, and the directory holding the tokenizer files."""
@@ -83,20 +75,6 @@ def load_policy(exp: Experiment, progress: bool = True, mesh=None) -> tuple[Mode
                                 param_dtype=policy_param_dtype(exp.model), remat=exp.model.remat,
                                 attention=exp.model.attention)
     return config, params, exp.model.tokenizer or os.path.join(checkpoint, HF_DIR)
-
-
-def checked_start(exp: Experiment) -> tuple[jax.sharding.Mesh, tuple]:
-    """The run's mesh and data (`tasks.run_data`), after every check that needs no weights: a
-    rerun may resume what the run directory holds, the mesh fits the devices, model.checkpoint is
-    a checkpoint, the data reads. Nothing is written or loaded before they pass."""
-    check_resumable(exp.run_dir, exp)
-    try:
-        mesh = make_mesh(exp.mesh)
-    except ValueError as e:
-        raise ExperimentError(f"mesh: {e} (mesh.data, mesh.fsdp, mesh.tensor)") from None
-    if not exp.pretrain.updates and exp.model.checkpoint:
-        require_checkpoint(exp.model.checkpoint)
-    return mesh, run_data(exp.data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,9 +227,15 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
     runs this same function, process 0 writes the logs (`runs`).
     """
     t = exp.train
-    mesh, data = checked_start(exp)
+    mesh, tokenizer, data = checked_start(exp, tokenizer)
+    fresh = not os.path.exists(exp.run_dir)
     start_run_dir(exp)
-    setup, state = set_up(exp, mesh, data, tokenizer, progress)
+    try:
+        setup, state = set_up(exp, mesh, data, tokenizer, progress)
+    except BaseException:
+        if fresh and is_primary():  # a failed first start leaves no run directory behind
+            shutil.rmtree(exp.run_dir, ignore_errors=True)
+        raise
     checkpoints = Checkpoints(exp)
     state, step = checkpoints.restore(state)  # pi_0 is the starting weights: checkpoints keep no copy
     log = RunLog(exp.run_dir, exp, step)

@@ -410,10 +410,15 @@ def _unreadable(path: str, error: Exception) -> str:
                         json.loads(line)
                 except json.JSONDecodeError as e:
                     return f"line {number}: invalid JSON ({e.msg} at column {e.colno})"
+    return f"cannot be read ({_innermost(error)})"
+
+
+def _innermost(error: BaseException) -> str:
+    """The innermost cause of an error, as "Type: first line of its message"."""
     while error.__cause__ is not None:
         error = error.__cause__
-    lines = str(error).strip().splitlines() or [type(error).__name__]
-    return f"cannot be read ({type(error).__name__}: {lines[0]})"
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0]}"
 
 
 def _rows(hub: tuple[str, str], tfds_name: str | None, split: str, source) -> Iterator[tuple[Mapping, str]]:
@@ -456,7 +461,13 @@ def _jsonl_rows(path: str) -> Iterator[tuple[Mapping, str]]:
 def _hub_rows(repo: str, config: str, split: str) -> Iterator[tuple[Mapping, str]]:
     import datasets
 
-    for number, row in enumerate(datasets.load_dataset(repo, config, split=split), start=1):
+    try:
+        with _quiet_datasets(local=False):
+            rows = datasets.load_dataset(repo, config, split=split)
+    except Exception as e:  # no network, no access, a moved dataset: one line, and the way round it
+        raise DataError(f"{repo} ({config}, {split}) could not be loaded from the HF hub ({_innermost(e)}); without "
+                        "network access set data.source to a local copy (a directory of {split}.jsonl)") from None
+    for number, row in enumerate(rows, start=1):
         yield row, f"{repo} ({config}, {split}) row {number}"
 
 
