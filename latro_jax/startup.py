@@ -68,6 +68,14 @@ def check_writable(directory: str, setting: str) -> None:
                               "filesystem)")
 
 
+def first_missing(path: str) -> str | None:
+    """The outermost directory of `path` that does not exist yet (what making `path` creates), or None."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
 def saved_step(run_dir: str) -> int | None:
     """The newest update saved in `run_dir`/checkpoints (by its directory names), if any."""
     folder = os.path.join(run_dir, "checkpoints")

@@ -40,7 +40,7 @@ from latro_jax.runs import (
 )
 from latro_jax.sampling import SamplingConfig
 from latro_jax.sharding import global_max, is_primary, micro_batch_rows, opt_state_shardings, to_host
-from latro_jax.startup import checked_start, require_checkpoint
+from latro_jax.startup import checked_start, first_missing, require_checkpoint
 from latro_jax.update import (
     applied_updates, commit, latro_rows_loss, make_optimizer, policy_param_dtype, reference_params, schedule,
     sft_rows_loss, update_jit,
@@ -228,13 +228,13 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
     """
     t = exp.train
     mesh, tokenizer, data = checked_start(exp, tokenizer)
-    fresh = not os.path.exists(exp.run_dir)
+    created = first_missing(exp.run_dir)
     start_run_dir(exp)
     try:
         setup, state = set_up(exp, mesh, data, tokenizer, progress)
     except BaseException:
-        if fresh and is_primary():  # a failed first start leaves no run directory behind
-            shutil.rmtree(exp.run_dir, ignore_errors=True)
+        if created and is_primary():  # a failed first start leaves no directory behind
+            shutil.rmtree(created, ignore_errors=True)
         raise
     checkpoints = Checkpoints(exp)
     state, step = checkpoints.restore(state)  # pi_0 is the starting weights: checkpoints keep no copy

@@ -107,6 +107,24 @@ def test_bad_input_gets_one_line_and_exit_2_and_nothing_is_written(case, checkpo
     assert not output.exists()
 
 
+def test_a_failed_first_start_leaves_no_directory(checkpoints, test_data, tmp_path, monkeypatch, capsys):
+    """An HF model without weights fails in its conversion, after the run directory was made."""
+    import shutil
+
+    hf = tmp_path / "hf-without-weights"
+    hf.mkdir()
+    shutil.copy(os.path.join(os.path.dirname(checkpoints["fits"]), "hf", "config.json"), hf)
+    for name in os.listdir(os.path.join(checkpoints["fits"], "hf")):  # the tokenizer's files
+        if "token" in name or name.endswith(".jinja"):
+            shutil.copy(os.path.join(checkpoints["fits"], "hf", name), hf)
+    output = tmp_path / "runs" / "here"
+    code, err = train_command(["gsm8k_llama", f"model.hf={hf}", f"train.output_dir={output}",
+                               f"data.source={real_gsm8k(test_data)}"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert str(hf) in err and "safetensors" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_rerun_below_the_saved_step_stops_and_leaves_the_run_as_it_was(checkpoints, test_data, tmp_path,
                                                                          monkeypatch, capsys):
     overrides = [f"model.checkpoint={checkpoints['fits']}", f"train.output_dir={tmp_path}",
