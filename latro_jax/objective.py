@@ -21,6 +21,9 @@ Everything on the reward side (R, the KL estimate, r, A) is wrapped in `stop_gra
 `jax.grad(loss)` is the REINFORCE estimator with a leave-one-out baseline (LATRO.md, "Gradient"):
 
     (1/N) sum_k -A_k grad log pi(z_k|x)  +  sft_coef (1/N) sum_k -grad log pi(y|x+z_k)
+
+(with `reference_compat` the SFT term's log pi(y|x+z_k) also holds the token before the answer,
+as the released code's does: it scores the answer with the same function as its R).
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ class ObjectiveConfig:
     "local batch": 3 questions (24 over 8 GPUs), so nonstop_group=3 reproduces it.
     reference_compat: reproduce the released code's R, whose sum includes the log-prob of the
     last token before the answer (`rollout_advantages`' `last_context_logprob`); in every
-    `reward` that token counts as one more answer token.
+    `reward` that token counts as one more answer token. The released code's SFT term adds the
+    same token, and so does `surrogate_loss`'s (its `last_context_logprobs`, with gradient).
     reward: the self-reward R, one of REWARDS (module docstring): "logprob" (LaTRO, the sum of
     the answer's token log-probs), "mean_logprob", "prob" (VeriFree), "mean_prob" (RLPR).
     reward_baseline: "none", or "no_rationale": R' = max(0, R(z) - R(empty)), R(empty) the
@@ -273,6 +277,7 @@ def surrogate_loss(
     answer_logprobs: jax.Array,
     answer_mask: jax.Array,
     num_rows: int | None = None,
+    last_context_logprobs: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The differentiable loss over some rows of a rollout batch, given their constant advantages.
 
@@ -280,6 +285,10 @@ def surrogate_loss(
     policy forward over x+z+y (differentiable); masks select the tokens of z and of y.
     loss = sum(-A * log pi(z|x)) / num_rows + sft_coef * sum(-log pi(y|x+z)) / num_rows, so that
     micro-batches of one batch of `num_rows` rows (default M) add up to the batch's mean loss.
+    last_context_logprobs [M] (differentiable): log pi of the token before the answer (the last
+    rationale token, or the last prompt token if z is empty). With `cfg.reference_compat` the SFT
+    term adds it to each row's sum, as the released code does: sum(-(log pi(y|x+z) +
+    last_context)) / num_rows. Unused otherwise, and when None the SFT term is the answer's alone.
     Returns (loss [], {"pg_loss", "sft_loss"}: the two terms unweighted, without gradient).
     """
     m = rationale_logprobs.shape[0]
@@ -290,6 +299,9 @@ def surrogate_loss(
     num_rows = m if num_rows is None else num_rows
     rationale_logprob = masked_sum(rationale_logprobs.astype(jnp.float32), rationale_mask)  # [M], with gradient
     answer_logprob = masked_sum(answer_logprobs.astype(jnp.float32), answer_mask)  # [M], with gradient
+    if cfg.reference_compat and last_context_logprobs is not None:
+        chex.assert_shape(last_context_logprobs, (m,))
+        answer_logprob = answer_logprob + last_context_logprobs.astype(jnp.float32)
     pg_loss = jnp.sum(-jax.lax.stop_gradient(advantages) * rationale_logprob) / num_rows
     sft_loss = jnp.sum(-answer_logprob) / num_rows
     terms = {"pg_loss": jax.lax.stop_gradient(pg_loss), "sft_loss": jax.lax.stop_gradient(sft_loss)}

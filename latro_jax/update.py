@@ -49,11 +49,22 @@ def applied_updates(opt_state) -> int:
 
 def latro_rows_loss(config, objective, num_rows, score_from, params, rows):
     """The surrogate loss of some rows of a Rollout (a micro-batch); the prompt fills the slots
-    before `score_from`."""
-    logprobs = token_logprobs(config, params, rows["tokens"], rows["attention_mask"], score_from=score_from)
+    before `score_from`. With `objective.reference_compat` the SFT term also scores the token
+    before the answer, the last prompt token (slot score_from - 1) when the rationale is empty."""
+    compat = objective.reference_compat
+    logprobs = token_logprobs(config, params, rows["tokens"], rows["attention_mask"],
+                              score_from=max(score_from - 1, 1) if compat else score_from)
+    last_context = masked_sum(logprobs, token_before(rows["answer_mask"])) if compat else None
     return surrogate_loss(
-        objective, rows["advantages"], logprobs, rows["rationale_mask"], logprobs, rows["answer_mask"], num_rows
+        objective, rows["advantages"], logprobs, rows["rationale_mask"], logprobs, rows["answer_mask"], num_rows,
+        last_context,
     )
+
+
+def token_before(answer_mask: jax.Array) -> jax.Array:
+    """[M, S] bool: the slot right before each row's (contiguous) answer in `answer_mask` [M, S]."""
+    following = jnp.pad(answer_mask[:, 1:].astype(bool), ((0, 0), (0, 1)))
+    return following & ~answer_mask.astype(bool)
 
 
 def sft_rows_loss(config, objective, num_rows, score_from, params, rows):

@@ -569,3 +569,133 @@ def test_nonnegative_rewards_accept_a_nonstop_coef_below_one():
         ObjectiveConfig(beta=0.1, reward=reward, nonstop_coef=0.0)
     ObjectiveConfig(beta=0.1, reward_baseline="no_rationale", nonstop_coef=0.5)
     ObjectiveConfig(beta=0.1, reward="mean_logprob")  # a log-prob: the default coef 2 is a penalty
+
+
+# --- the SFT term under reference_compat -------------------------------------------------------
+# The released code scores the answer of its SFT term with the function of its R, whose sum
+# starts one token early: the token before the answer counts in the SFT term too. The hand
+# example with A = (0.75, -0.75) given, sft_coef 0.5, tokens before the answer (-0.5, -1.5):
+#   pg = sum(-A * log pi(z|x)) / 2 = (2.25 - 1.5) / 2 = 0.375
+#   sft = sum(-log pi(y|x+z)) / 2 = (1.5 + 2.5) / 2 = 2; with the extra tokens (2 + 4) / 2 = 3
+#   loss = 0.375 + 0.5 * 2 = 1.375; with the extra tokens 0.375 + 0.5 * 3 = 1.875
+#   d loss / d rationale token = -A_i / 2: -0.375 on row 0's tokens, 0.375 on row 1's
+#   d loss / d answer token = -0.5 / 2 = -0.25; d loss / d extra token = -0.25 (0 without compat)
+
+
+def sft_compat_loss(cfg, rationale_logprobs, answer_logprobs, last_context_logprobs):
+    b = hand_batch()
+    return surrogate_loss(cfg, jnp.array([0.75, -0.75]), rationale_logprobs, b["rationale_mask"], answer_logprobs,
+                          b["answer_mask"], last_context_logprobs=last_context_logprobs)
+
+
+@pytest.mark.parametrize("reference_compat,loss,sft,extra_grad", [(False, 1.375, 2.0, 0.0), (True, 1.875, 3.0, -0.25)])
+def test_reference_compat_sft_term_by_hand(reference_compat, loss, sft, extra_grad):
+    cfg = ObjectiveConfig(beta=0.5, sft_coef=0.5, reference_compat=reference_compat)
+    b = hand_batch()
+    last = jnp.array([-0.5, -1.5])
+    (got, terms), grads = jax.value_and_grad(sft_compat_loss, argnums=(1, 2, 3), has_aux=True)(
+        cfg, b["rationale_logprobs"], b["answer_logprobs"], last
+    )
+    close(got, loss)
+    close(terms["pg_loss"], 0.375)
+    close(terms["sft_loss"], sft)
+    close(grads[0], [[-0.375, -0.375, 0.0], [0.375, 0.375, 0.375]])
+    close(grads[1], [[-0.25, -0.25, 0.0], [-0.25, -0.25, -0.25]])
+    close(grads[2], [extra_grad, extra_grad])
+
+
+@pytest.mark.parametrize("sft_coef", [0.0, 1.0])
+def test_default_surrogate_loss_ignores_the_extra_token_bit_for_bit(sft_coef):
+    """Without reference_compat, passing the token before the answer changes no bit of the loss,
+    its terms or its gradient (eager and compiled)."""
+    cfg = ObjectiveConfig(beta=0.5, sft_coef=sft_coef)
+    b = hand_batch()
+    grad_fn = jax.value_and_grad(sft_compat_loss, argnums=(1, 2), has_aux=True)
+    for run in (grad_fn, jax.jit(grad_fn, static_argnums=0)):
+        before = run(cfg, b["rationale_logprobs"], b["answer_logprobs"], None)
+        after = run(cfg, b["rationale_logprobs"], b["answer_logprobs"], jnp.array([-0.5, -1.5]))
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, after), jax.tree.map(np.asarray, before))
+
+
+# --- the update's rows loss (update.latro_rows_loss) under reference_compat --------------------
+# A tiny random model over packed rows: prompt (left-padded to P slots) + rationale + answer, one
+# row with an empty rationale, whose token before the answer is the last prompt token (slot P-1,
+# before the slots the loss otherwise scores).
+
+
+def tiny_rows():
+    from latro_jax.rollout import pack_sequences
+
+    prompt = jnp.array([[0, 1, 5, 6], [1, 9, 10, 11], [0, 0, 1, 7], [1, 4, 4, 3]])
+    rationale = jnp.array([[20, 21, 22], [30, 31, 32], [40, 41, 42], [50, 51, 52]])
+    answer = jnp.array([[11, 12, 2], [13, 2, 0], [11, 12, 2], [13, 2, 0]])
+    tokens, attention_mask, rationale_mask, answer_mask = pack_sequences(
+        prompt, prompt != 0, rationale, jnp.array([2, 0, 3, 1]), answer, jnp.array([3, 2, 3, 2]), 0
+    )
+    return {"tokens": tokens, "attention_mask": attention_mask, "rationale_mask": rationale_mask,
+            "answer_mask": answer_mask, "advantages": jnp.array([0.5, -1.0, 0.25, 0.25])}
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from latro_jax.config import ModelConfig
+    from latro_jax.model import init_params
+
+    config = ModelConfig("llama", 64, 32, 48, 2, 4, 2, 8)
+    return config, init_params(config, seed=0)
+
+
+def test_rows_loss_default_is_the_code_before_bit_for_bit(tiny_model):
+    """Without reference_compat, latro_rows_loss is what it was before the SFT term's extra token:
+    surrogate_loss over one forward scored from the prompt's end; loss, terms and gradient equal
+    bit for bit (compiled, as an update runs it)."""
+    from latro_jax.scoring import token_logprobs
+    from latro_jax.update import latro_rows_loss
+
+    config, params = tiny_model
+    rows = tiny_rows()
+    objective = ObjectiveConfig(beta=0.05, sft_coef=1.0)
+
+    def before(params, rows):
+        logprobs = token_logprobs(config, params, rows["tokens"], rows["attention_mask"], score_from=4)
+        return surrogate_loss(objective, rows["advantages"], logprobs, rows["rationale_mask"], logprobs,
+                              rows["answer_mask"], 8)
+
+    def after(params, rows):
+        return latro_rows_loss(config, objective, 8, 4, params, rows)
+
+    got, expected = (jax.jit(jax.value_and_grad(f, has_aux=True))(params, rows) for f in (after, before))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got), jax.tree.map(np.asarray, expected))
+
+
+def test_rows_loss_reference_compat_adds_the_token_before_the_answer(tiny_model):
+    """With reference_compat the SFT term (sft_coef 0.5, 8 rows in the batch) adds the log-prob of
+    the token before the answer: slots (5, 3, 6, 4) of the rows above, the last prompt token for
+    the empty rationale of row 1, read from a forward scored from slot 1 (an independent
+    reference). The policy-gradient term is unchanged; the gradient gains exactly that of
+    0.5 * sum(-extra) / 8."""
+    from latro_jax.scoring import token_logprobs
+    from latro_jax.update import latro_rows_loss, token_before
+
+    config, params = tiny_model
+    rows = tiny_rows()
+    slots = jnp.array([5, 3, 6, 4])
+    np.testing.assert_array_equal(np.asarray(token_before(rows["answer_mask"])),
+                                  np.arange(rows["tokens"].shape[1])[None] == np.asarray(slots)[:, None])
+
+    def extra_term(params):
+        logprobs = token_logprobs(config, params, rows["tokens"], rows["attention_mask"])
+        return 0.5 * jnp.sum(-jnp.take_along_axis(logprobs, slots[:, None], axis=1)) / 8
+
+    def loss(reference_compat):
+        objective = ObjectiveConfig(beta=0.05, sft_coef=0.5, reference_compat=reference_compat)
+        return jax.jit(jax.value_and_grad(lambda p: latro_rows_loss(config, objective, 8, 4, p, rows), has_aux=True))
+
+    (compat, compat_terms), compat_grads = loss(True)(params)
+    (default, default_terms), default_grads = loss(False)(params)
+    extra, extra_grads = jax.value_and_grad(extra_term)(params)
+    assert float(extra) > 0  # four real log-probs, the empty rationale's too
+    np.testing.assert_allclose(compat - default, extra, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(compat_terms["sft_loss"] - default_terms["sft_loss"], 2 * extra, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(compat_terms["pg_loss"], default_terms["pg_loss"], atol=1e-6, rtol=0)
+    chex.assert_trees_all_close(jax.tree.map(jnp.subtract, compat_grads, default_grads), extra_grads, atol=1e-6)
