@@ -67,10 +67,28 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), CONFIG_FILE))
 
 
-def refuse_existing(path: str | os.PathLike) -> None:
-    """An output directory is never overwritten."""
-    if os.path.exists(path):
-        raise FileExistsError(f"{os.path.abspath(path)} already exists; choose another output path or remove it")
+def check_output(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """That an output can be made at `path`, checked before any long work so that a bad path is the
+    first thing said: nothing is there yet (an output directory is never overwritten; `overwrite`
+    lets a file be replaced), and the nearest folder above it that exists is a directory this
+    process may write in (missing folders between are made when the output is written)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another output path or remove it")
+    if os.path.isdir(path):
+        raise FileExistsError(f"{path} is a directory; give a file's path")
+    folder = os.path.dirname(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path} cannot be created: {folder} is a file, not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{path} cannot be created: {folder} is not writable (read-only, or another user's)")
+
+
+def write_permissions(path: str | os.PathLike) -> None:
+    """Give the file `path` the permissions open() would (the umask's), where its writer made it private."""
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 @contextlib.contextmanager
@@ -79,7 +97,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     directories of `path` that an earlier, killed attempt left (a converted 8B model is 32 GB)
     are removed first: one writer makes a given output at a time."""
     path = os.path.abspath(os.fspath(path))
-    refuse_existing(path)
+    check_output(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     for stale in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(os.path.basename(path))}.partial-*")):
@@ -142,10 +160,41 @@ def save_model(
             shutil.copyfile(source, os.path.join(tmp, HF_DIR, name))
 
 
+def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
+    """The numbered subdirectories of `directory`: the steps of a folder of checkpoints, such as a
+    run's checkpoints/ and best/."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def check_not_steps(path: str | os.PathLike) -> None:
+    """Where `path`, given as one model, is a folder of checkpoint steps (a run's best/ or
+    checkpoints/, or the run's directory holding those) or a step that is not there: a
+    FileNotFoundError that lists the steps there are."""
+    path = os.path.normpath(os.fspath(path))
+    steps = [str(s) for s in checkpoint_steps(path)]
+    if not steps and os.path.isdir(path):  # a run's directory: the steps of its best/ and checkpoints/
+        steps = [os.path.join(sub, str(s)) for sub in sorted(os.listdir(path))
+                 for s in checkpoint_steps(os.path.join(path, sub))]
+    if steps:
+        raise FileNotFoundError(f"{path} holds checkpoint steps ({', '.join(steps)}): give one, e.g. "
+                                f"{os.path.join(path, steps[-1])}")
+    parent = os.path.dirname(path)
+    steps = [str(s) for s in checkpoint_steps(parent or ".")]
+    if steps and not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint step; {parent or '.'} holds steps {', '.join(steps)}")
+
+
 def read_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of the model checkpoint directory `path`, without its weights."""
     config_path = os.path.join(os.fspath(path), CONFIG_FILE)
     if not os.path.isfile(config_path):
+        check_not_steps(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{os.fspath(path)}: no such directory")
         raise FileNotFoundError(
             f"{os.fspath(path)} is not a latro-jax model checkpoint (no {CONFIG_FILE}); convert HF weights with "
             "`make convert SRC=<hf dir or hub id> OUT=<dir>`"

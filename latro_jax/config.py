@@ -167,11 +167,13 @@ class ModelConfig:
             if not os.path.isfile(path):
                 raise ConfigError(f"{path}: no such config file")
             origin = path
-            with open(path) as f:
+            with open(path, "rb") as f:
                 try:
-                    source = json.load(f)
-                except json.JSONDecodeError as e:
+                    source = json.loads(f.read())
+                except ValueError as e:  # not JSON, or not text at all
                     raise ConfigError(f"{path}: not valid JSON ({e})") from None
+            if not isinstance(source, dict):
+                raise ConfigError(f"{path}: not an HF config (a JSON object), but a {type(source).__name__}")
         try:
             return cls(**{**_fields_from_hf(source), **overrides})
         except ConfigError as e:

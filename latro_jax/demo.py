@@ -145,7 +145,7 @@ def _read_metrics(run_dir: str) -> list[dict]:
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     points = {row["step"]: row[key] for row in rows if key in row}  # a resumed run may repeat steps
     steps = sorted(points)
-    return steps, [points[s] for s in steps]
+    return steps, [math.nan if points[s] is None else points[s] for s in steps]  # null: a non-finite value
 
 
 def plot_curves(out: str, pretrain_run: str, path: str) -> None:

@@ -7,15 +7,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import gc
+import glob
+import inspect
+import itertools
 import json
+import logging
+import math
 import os
 import re
+import shutil
 import signal
+import sys
+import time
 from typing import NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from latro_jax.checkpoint import HF_DIR, is_checkpoint, load_model, on_one_device, read_config
@@ -141,16 +152,18 @@ def _keep_lines(path: str, keep) -> None:
         os.replace(path + ".tmp", path)
 
 
-def _metrics_up_to(step: int):
-    """A `_keep_lines` filter of metrics.jsonl: the records of updates up to `step`; a line cut
-    short (a kill while writing) or otherwise unreadable is dropped."""
+def _metrics_up_to(step: int, evaluation: bool = True):
+    """A `_keep_lines` filter of metrics.jsonl: the records of updates up to `step`, the record of
+    `step`'s evaluation only if `evaluation`; a line cut short (a kill while writing) or otherwise
+    unreadable is dropped."""
 
     def keep(line: str) -> bool:
         try:
             record = json.loads(line)
-            return int(record["step"]) <= step
+            at = int(record["step"])
         except (ValueError, KeyError, TypeError):
             return False
+        return at < step or at == step and (evaluation or not any(k.startswith("eval/") for k in record))
 
     return keep
 
@@ -168,16 +181,29 @@ def _samples_up_to(step: int):
     return keep
 
 
-class RunLog:
-    """metrics.jsonl, TensorBoard events, Weights & Biases (if `wandb_project` is set), and
-    sampled rationales as text."""
+def _json_value(value):
+    """A metric as JSON has it: a non-finite float (a skipped update's loss) as null."""
+    return value if not isinstance(value, float) or math.isfinite(value) else None
 
-    def __init__(self, run_dir: str, exp: Experiment, step: int = 0):
+
+class RunLog:
+    """metrics.jsonl (one JSON record a line: an update's metrics, or an evaluation's "eval/..."
+    accuracies; a non-finite value, such as a skipped update's loss, is null), TensorBoard events
+    (the values as they are), Weights & Biases (if `wandb_project` is set), and samples.txt: at
+    each update due an evaluation, LaTRO's rollout (rationales and rewards, logged with the
+    update) or the SFT baseline's greedy completions (logged with the evaluation: its updates
+    sample nothing)."""
+
+    def __init__(self, run_dir: str, exp: Experiment, step: int = 0, redo_evaluation: bool = False):
         """`step`: the update the run resumes after. What an earlier attempt logged after it (updates
         that its checkpoint did not keep, which this run redoes) is dropped from metrics.jsonl,
-        samples.txt and TensorBoard, so each update is logged once."""
+        samples.txt and TensorBoard, so each update is logged once. `redo_evaluation`: the run
+        redoes `step`'s evaluation (`train.evaluation_pending`), whose record (and the SFT
+        baseline's samples) an earlier attempt may have logged before it was killed: they are
+        dropped too."""
         from tensorboardX import SummaryWriter
 
+        self.evaluation_samples = exp.train.method == "sft"  # its updates sample nothing
         if exp.train.wandb_project:  # checked on every process: one failing alone would leave the others waiting
             try:
                 import wandb
@@ -187,11 +213,21 @@ class RunLog:
         if not self.enabled:
             return
         metrics_path, samples_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "samples.txt")
-        _keep_lines(metrics_path, _metrics_up_to(step))
-        _keep_lines(samples_path, _samples_up_to(step))
+        _keep_lines(metrics_path, _metrics_up_to(step, evaluation=not redo_evaluation))
+        _keep_lines(samples_path, _samples_up_to(step - 1 if redo_evaluation and self.evaluation_samples else step))
         self.metrics = open(metrics_path, "a")
         self.samples = open(samples_path, "a")
-        self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=step + 1)
+        # TensorBoard drops the events from purge_step on (those of `step`'s update, kept in
+        # metrics.jsonl, are then written again). The file name's own timestamp is in seconds: a
+        # rerun within the second would overwrite the last one's file.
+        self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"), filename_suffix=f".{time.time_ns()}",
+                                         purge_step=step if redo_evaluation else step + 1)
+        if redo_evaluation:
+            with open(metrics_path) as f:
+                for record in map(json.loads, f):
+                    if record["step"] == step:
+                        self._add_scalars(step, {k: math.nan if v is None else v for k, v in record.items()
+                                                 if k != "step"})
         self.wandb = None
         if exp.train.wandb_project:
             self.wandb = wandb.init(project=exp.train.wandb_project, name=exp.name, config=dataclasses.asdict(exp),
@@ -200,13 +236,24 @@ class RunLog:
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        self.metrics.write(json.dumps({"step": step, **metrics}) + "\n")
+        record = {"step": step, **{k: _json_value(v) for k, v in metrics.items()}}
+        self.metrics.write(json.dumps(record, allow_nan=False) + "\n")
         self.metrics.flush()
+        self._add_scalars(step, metrics)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def _add_scalars(self, step: int, metrics: dict) -> None:
         for name, value in metrics.items():
             self.tensorboard.add_scalar(name, value, step)
         self.tensorboard.flush()
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+
+    def write_evaluation(self, step: int, accuracies: dict, greedy_texts: list[str]) -> None:
+        """An evaluation's record, and the SFT baseline's samples: the evaluation's first greedy
+        completions."""
+        self.write(step, {f"eval/{k}": v for k, v in accuracies.items()})
+        if self.evaluation_samples:
+            self.write_samples(step, greedy_texts)
 
     def write_samples(self, step: int, texts: list[str]) -> None:
         if not self.enabled:
@@ -237,53 +284,204 @@ def start_run_dir(exp: Experiment) -> None:
         os.replace(path + ".tmp", path)
 
 
+class SaveError(Exception):
+    """A checkpoint that could not be written (a full disk, say): the run stops, and the message
+    names the update, the directory and the cause on one line."""
+
+
+def _cause(error: BaseException) -> str:
+    """The root cause of `error` on one line (orbax and TensorStore wrap the OS's)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split())
+    text = text if len(text) <= 300 else text[:300] + "..."
+    return text if isinstance(error, OSError) else f"{type(error).__name__}: {text}"
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+    """Orbax leaves the reads of a restore that failed behind: coroutines and tasks whose errors
+    Python prints as it collects them, TensorStore callbacks into a closed event loop. Each
+    repeats the damage that `Checkpoints.restore` names in one line (with a TensorStore spec:
+    thousands of lines at 8B), so they are dropped; other errors pass."""
+    previous, asyncio_log = sys.unraisablehook, logging.getLogger("asyncio")
+
+    def hook(unraisable):
+        if not (inspect.iscoroutine(unraisable.object) or "Event loop is closed" in str(unraisable.exc_value)):
+            previous(unraisable)
+
+    def unretrieved(record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in record.getMessage()
+
+    sys.unraisablehook = hook
+    asyncio_log.addFilter(unretrieved)
+    try:
+        yield
+    finally:
+        gc.collect()  # a failed restore's coroutines and tasks, now
+        asyncio_log.removeFilter(unretrieved)
+        sys.unraisablehook = previous
+
+
+def _require_room(directory: str, state) -> None:
+    """ENOSPC, before anything is written, where the disk of `directory` has less room than the
+    bytes of `state` (at most what a saved step takes: orbax compresses). A disk that fills up
+    midway (another writer) fails the save in orbax's threads, which print their tracebacks."""
+    needed, free = sum(x.nbytes for x in jax.tree.leaves(state)), shutil.disk_usage(directory).free
+    if needed > free:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({_size(needed)} to write, {_size(free)} free)")
+
+
+def _remove_for_good(pattern: str, settle_s: float = 1.0, limit_s: float = 60.0) -> None:
+    """Remove the directories that match `pattern` (a failed save's temporary one), again while
+    they come back: once one write of a save fails, orbax does not wait for the others it began,
+    and TensorStore's threads make their directories again as they finish. Done once none has
+    come back for `settle_s` (at most `limit_s`: what comes back later, the next start removes)."""
+    paths, deadline = glob.glob(pattern), time.monotonic() + limit_s
+    while paths and time.monotonic() < deadline:
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
+        time.sleep(settle_s)
+        paths = glob.glob(pattern)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 class Checkpoints:
     """A run's checkpoints/ (the last train.keep_last saves) and best/ (the step of the best
     validation greedy accuracy). Each step holds the state (params and optimizer state) and
-    {"step", "experiment"}; every process writes its shards, which restore onto any mesh."""
+    {"step", "experiment"}; every process writes its shards, which restore onto any mesh.
+
+    A save to checkpoints/ is asynchronous: it is written while the next updates run, and its
+    outcome is checked before the next save, before an evaluation (`finish_saving`) and at close;
+    a save to best/ is waited for. A save that fails removes its temporary directory and raises
+    SaveError: the run stops there, keeping the older steps. The temporary directories of a save
+    that a kill cut short are removed when the next run starts."""
 
     def __init__(self, exp: Experiment):
-        self.name = exp.name
+        self.name, self.run_dir = exp.name, exp.run_dir
 
         def manager(folder: str, **options):
-            return ocp.CheckpointManager(os.path.abspath(os.path.join(exp.run_dir, folder)),
-                                         options=ocp.CheckpointManagerOptions(**options), item_names=("state", "meta"))
+            options = ocp.CheckpointManagerOptions(cleanup_tmp_directories=True, **options)
+            return ocp.CheckpointManager(os.path.abspath(os.path.join(exp.run_dir, folder)), options=options,
+                                         item_names=("state", "meta"))
 
         self.latest = manager("checkpoints", max_to_keep=exp.train.keep_last)
         self.best = manager("best", max_to_keep=1, best_fn=lambda m: m["greedy_accuracy"], best_mode="max")
+        self.saving = {}  # folder -> the update its save in flight holds
 
     def restore(self, state: dict) -> tuple[dict, int]:
-        """The latest saved state, restored into the shardings of `state` whatever mesh wrote it,
-        and its step; (`state`, 0) where nothing was saved."""
-        step = self.latest.latest_step()
-        if step is None:
-            return state, 0
+        """The newest intact saved state, restored into the shardings of `state` whatever mesh wrote
+        it, and its step; (`state`, 0) where nothing was saved. A newer step that does not read
+        back (a file cut short, one missing) is named on stderr and moved aside to
+        <step>.damaged-<n>, kept for a look and out of the way of the save of that update, which
+        the run redoes. None intact stops the run (ExperimentError), moving nothing."""
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        restored = self.latest.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
-        )
-        return restored.state, restored.meta["step"]
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        damaged = []  # (step, why), newest first
+        for step in reversed(self.latest.all_steps()):
+            with _quiet_failed_reads():
+                try:
+                    restored, why = self.latest.restore(step, args=args), None
+                except Exception as e:  # whatever a damaged file makes orbax or TensorStore raise
+                    restored, why = None, _cause(e)
+            (failed,) = global_max([why is not None])
+            if failed:
+                damaged.append((step, why or "on another process"))
+                continue
+            self._move_aside(damaged, step)
+            return restored.state, restored.meta["step"]
+        if damaged:
+            named = "; ".join(f"{self._path('checkpoints', s)}: {why}" for s, why in damaged)
+            raise ExperimentError(f"no checkpoint of {self.run_dir} reads back ({named}): move the damaged "
+                                  f"ones out of {self._path('checkpoints')} to start the run over")
+        return state, 0
+
+    def _move_aside(self, damaged: list, step: int) -> None:
+        """Report each damaged step, rename it <step>.damaged-<n> and let the manager forget it."""
+        if not damaged:
+            return
+        if is_primary():
+            for bad, why in damaged:
+                path = self._path("checkpoints", bad)
+                aside = next(name for name in (f"{path}.damaged-{n}" for n in itertools.count(1))
+                             if not os.path.exists(name))
+                os.rename(path, aside)
+                tqdm.write(f"{path} is damaged ({why}); resuming from {self._path('checkpoints', step)} "
+                           f"(the damaged one is kept as {aside})", file=sys.stderr)
+        multihost_utils.sync_global_devices("latro_jax damaged checkpoints moved aside")
+        self.latest.reload()
 
     def save(self, step: int, state: dict) -> None:
-        """Save `state` as update `step` (asynchronously), unless that step is saved already."""
+        """Save `state` as update `step` (asynchronously), unless that step is saved already,
+        once the save before it is checked."""
+        self.finish_saving()
         if self.latest.latest_step() != step:
-            self.latest.save(step, args=self._args(step, state))
+            self._save("checkpoints", step, state)
 
     def save_best(self, step: int, state: dict, greedy_accuracy: float) -> None:
         """Offer update `step` to best/, which keeps it if its accuracy is the best, and wait."""
         if step not in self.best.all_steps():  # a kill after best/ was written but before eval_<step>.json
-            self.best.save(step, args=self._args(step, state), metrics={"greedy_accuracy": greedy_accuracy})
-        self.best.wait_until_finished()
+            self._save("best", step, state, metrics={"greedy_accuracy": greedy_accuracy})
+            self._finish("best")
+
+    def finish_saving(self) -> None:
+        """Wait for the save to checkpoints/ in flight, if any; SaveError if it failed."""
+        self._finish("checkpoints")
 
     def close(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
-        self.latest.close()
-        self.best.close()
+        """Wait for the saves in flight (SaveError if one failed) and close the managers."""
+        try:
+            self._finish("checkpoints")
+            self._finish("best")
+        finally:
+            self.latest.close()
+            self.best.close()
 
-    def _args(self, step: int, state: dict):
+    def _manager(self, folder: str):
+        return self.latest if folder == "checkpoints" else self.best
+
+    def _path(self, folder: str, step: int | None = None) -> str:
+        return os.path.join(self.run_dir, folder, *([] if step is None else [str(step)]))
+
+    def _save(self, folder: str, step: int, state: dict, **options) -> None:
+        """Start the save of `state` as update `step` to `folder` (`_finish` waits for it)."""
         meta = {"step": step, "experiment": self.name}
-        return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        try:
+            _require_room(self._path(folder), state)
+            self._manager(folder).save(step, args=args, **options)
+            error = None
+        except Exception as e:
+            error = e
+        self._raise_if_failed(folder, step, error)
+        self.saving[folder] = step
+
+    def _finish(self, folder: str) -> None:
+        """Wait for `folder`'s save in flight: orbax re-raises what failed in its background
+        thread (once; the older steps it would have deleted after the save are kept)."""
+        if folder not in self.saving:
+            return
+        step = self.saving.pop(folder)
+        try:
+            self._manager(folder).wait_until_finished()
+            error = None
+        except Exception as e:
+            error = e
+        self._raise_if_failed(folder, step, error)
+
+    def _raise_if_failed(self, folder: str, step: int, error: Exception | None) -> None:
+        """SaveError on every process if the save of `step` to `folder` failed on any, once its
+        temporary directory is removed."""
+        (failed,) = global_max([error is not None])
+        if not failed:
+            return
+        if is_primary():
+            _remove_for_good(glob.escape(self._path(folder, step)) + ocp.path.atomicity_types.TMP_DIR_SUFFIX + "*")
+        why = _cause(error) if error is not None else "it failed on another process"
+        raise SaveError(f"saving update {step} to {self._path(folder)} failed: {why}") from error
 
 
 class Interrupted(Exception):

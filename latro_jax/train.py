@@ -197,19 +197,19 @@ def evaluation_pending(exp: Experiment, step: int) -> bool:
     return bool(pending)
 
 
-def evaluate_step(setup: Setup, state: dict, step: int, log: RunLog, checkpoints: Checkpoints, samples,
-                  progress: bool) -> dict:
-    """Evaluate update `step`'s params (saved already): logs, best/, then eval_<step>.json, written
-    last: its presence says that the evaluation of `step` is complete."""
+def evaluate_step(setup: Setup, state: dict, step: int, log: RunLog, checkpoints: Checkpoints, progress: bool) -> dict:
+    """Evaluate update `step`'s params once their save is on disk (a kill during the evaluation,
+    minutes at the paper's sizes, loses no update; a failed save stops the run before it): logs,
+    best/, then eval_<step>.json, written last: its presence says that the evaluation of `step`
+    is complete."""
     exp = setup.exp
+    checkpoints.finish_saving()
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(exp.train.seed), EVAL_STREAM), step)
     result = evaluate(setup.config, setup.policy(state["params"]), setup.tokenizer, setup.fmt, setup.eval_set,
                       setup.task, exp.rollout.max_new_tokens, exp.train.maj_k, key,
                       progress=progress and is_primary())
     accuracies = {k: v for k, v in result.items() if k.endswith("accuracy")}
-    log.write(step, {f"eval/{k}": v for k, v in accuracies.items()})
-    log.write_samples(step, rollout_samples(setup.tokenizer, *samples, setup.sampling.num_samples) if samples
-                      else [r["greedy_text"] for r in result["rows"][:4]])
+    log.write_evaluation(step, accuracies, [r["greedy_text"] for r in result["rows"][:4]])
     checkpoints.save_best(step, state, accuracies["greedy_accuracy"])
     if is_primary():
         with open(os.path.join(exp.run_dir, f"eval_{step}.json"), "w") as f:
@@ -238,16 +238,17 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
         raise
     checkpoints = Checkpoints(exp)
     state, step = checkpoints.restore(state)  # pi_0 is the starting weights: checkpoints keep no copy
-    log = RunLog(exp.run_dir, exp, step)
+    redo_evaluation = evaluation_pending(exp, step)
+    log = RunLog(exp.run_dir, exp, step, redo_evaluation)
     train_step, key = STEPS[t.method], jax.random.key(t.seed)
     update_step = update_jit(state["params"], state["opt_state"])  # outputs keep the shardings placed above
     applied = applied_updates(state["opt_state"])  # the schedule's step: it skips non-finite updates
-    metrics, samples, done_here = {}, None, 0
+    metrics, done_here = {}, 0
     bar = tqdm(total=t.updates, initial=step, desc=exp.name, unit="update", disable=not (progress and is_primary()))
     with stop_requests() as stop, jax.set_mesh(setup.mesh):
         try:
-            if evaluation_pending(exp, step):
-                metrics.update(evaluate_step(setup, state, step, log, checkpoints, samples, progress))
+            if redo_evaluation:
+                metrics.update(evaluate_step(setup, state, step, log, checkpoints, progress))
                 if asked_to_stop(stop):  # during it
                     raise Interrupted(f"stopped after evaluating update {step}; rerun the same command to resume")
             while step < t.updates:
@@ -258,6 +259,8 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                     tqdm.write(f"update {step}: non-finite loss or gradient; update skipped (params unchanged)")
                 step, done_here = step + 1, done_here + 1
                 log.write(step, metrics)
+                if samples is not None and eval_due(t, step):  # LaTRO's rollout, logged with its update
+                    log.write_samples(step, rollout_samples(setup.tokenizer, *samples, setup.sampling.num_samples))
                 bar.update()
                 bar.set_postfix({name: f"{metrics[k]:.3g}" for k, name in POSTFIX.items() if k in metrics})
                 # Saved before an evaluation (minutes at the paper's sizes), so that a kill during it
@@ -269,13 +272,13 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
                 if asked_to_stop(stop) or (stop_after is not None and done_here >= stop_after):
                     raise Interrupted(f"stopped after update {step}; rerun the same command to resume")
                 if eval_due(t, step):
-                    metrics.update(evaluate_step(setup, state, step, log, checkpoints, samples, progress))
+                    metrics.update(evaluate_step(setup, state, step, log, checkpoints, progress))
         except Interrupted:
             checkpoints.save(step, state)
             if stop["signal"] is not None:
                 raise
         finally:
-            checkpoints.close()
             bar.close()
             log.close()
+            checkpoints.close()  # last: it raises SaveError if the last save failed
     return {"step": step, "params": setup.policy(state["params"]), **metrics}

@@ -165,15 +165,15 @@ def skipping_run(stand_ins, test_data, tmp_path_factory):  # noqa: F811
 
 
 def test_a_skipped_update_leaves_params_and_the_schedule_where_they_were(skipping_run):
-    """The non-finite update logs skipped=1, leaves the params as they were, and does not advance
-    the optimizer's count; every logged lr is the rate optax's own schedule (written here
-    independently) uses at the count the update starts from, so the update after the skipped one
-    logs the rate of the count that did not advance."""
+    """The non-finite update logs skipped=1 (its loss as null), leaves the params as they were, and
+    does not advance the optimizer's count; every logged lr is the rate optax's own schedule
+    (written here independently) uses at the count the update starts from, so the update after the
+    skipped one logs the rate of the count that did not advance."""
     exp, before, after, result = skipping_run
     logged = [m for m in lines(exp.run_dir) if "loss" in m]
     assert [m["step"] for m in logged] == [1, 2, 3, 4, 5]
     assert [m["skipped"] for m in logged] == [0, 0, 1, 0, 0]
-    assert not np.isfinite(logged[SKIPPED]["loss"]) and np.isfinite([m["loss"] for m in logged[SKIPPED + 1:]]).all()
+    assert logged[SKIPPED]["loss"] is None and np.isfinite([m["loss"] for m in logged[SKIPPED + 1:]]).all()
     assert before == [{0}, {1}, {2}, {2}, {3}]
     assert [counts for _, counts in after] == [{1}, {2}, {2}, {3}, {4}]
     assert_same_params(after[SKIPPED][0], after[SKIPPED - 1][0])

@@ -6,13 +6,12 @@
 
 from __future__ import annotations
 
-import argparse
 
 import _cli
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _cli.ArgumentParser(description=__doc__)
     parser.add_argument("source", help="HF model directory with *.safetensors, or a hub id to download")
     parser.add_argument("output", help="checkpoint directory to create (must not exist)")
     parser.add_argument("--param-dtype", choices=["float32", "bfloat16", "float16"],

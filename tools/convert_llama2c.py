@@ -5,13 +5,12 @@
 
 from __future__ import annotations
 
-import argparse
 
 import _cli
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _cli.ArgumentParser(description=__doc__)
     parser.add_argument("checkpoint", help="llama2.c .bin file (legacy v0 export)")
     parser.add_argument("output", help="checkpoint directory to create (must not exist)")
     parser.add_argument("--tokenizer", help="the sentencepiece tokenizer.model to store with it (hf/tokenizer.model)")

@@ -12,7 +12,6 @@ is --task, or a run step's own (its config.json's data settings); `data.field=va
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -59,7 +58,7 @@ def task_settings(model: str, task: str | None, source: str | None, overrides: l
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _cli.ArgumentParser(description=__doc__)
     parser.add_argument("model")
     parser.add_argument("settings", nargs="*", help="data.field=value: the task's settings, as make train takes them")
     parser.add_argument("--task", choices=["gsm8k", "arc_challenge", "arithmetic", "custom"], default=None,
@@ -77,19 +76,38 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     import jax
 
+    from latro_jax.checkpoint import check_not_steps, check_output, is_checkpoint
     from latro_jax.data.prompts import load_tokenizer, prompt_format
     from latro_jax.data.tasks import load_split, task_of
     from latro_jax.evaluate import evaluate
+    from latro_jax.experiment import ExperimentError
+    from latro_jax.runs import is_run_step
 
+    # What the command line gets wrong is said before anything is read.
+    for option, value, least in (("--maj-k", args.maj_k, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                                 ("--batch-size", args.batch_size, 1), ("--limit", args.limit, 0)):
+        if value < least:
+            raise ExperimentError(f"{option} {value} is invalid; must be >= {least}")
+    check_output(args.out, overwrite=True)
+    if not is_checkpoint(args.model) and not is_run_step(args.model):
+        check_not_steps(args.model)  # a run's best/ rather than one of its steps
     task = task_of(task_settings(args.model, args.task, args.source, args.settings))
     examples = load_split(task, args.split)[: args.limit or None]  # bad data stops here, before the model loads
+    tokenizer = None
+    if args.tokenizer:  # before the model, too
+        try:
+            tokenizer = load_tokenizer(args.tokenizer)
+        except (OSError, ValueError) as e:
+            raise ExperimentError(f"--tokenizer {args.tokenizer!r}: no tokenizer could be loaded "
+                                  f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
     config, params, tokenizer_dir = load(args.model, args.dtype)
-    tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir)
+    tokenizer = tokenizer or load_tokenizer(tokenizer_dir)
     result = evaluate(config, params, tokenizer, prompt_format(tokenizer), examples, task, args.max_new_tokens,
                       args.maj_k, jax.random.key(args.seed), args.batch_size)
     result = {"model": args.model, "task": task.name, "split": args.split, **result}
     if task.name == "custom":
         result["data"] = dataclasses.asdict(task)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"{task.describe()}/{args.split} ({result['examples']} questions): greedy {result['greedy_accuracy']:.4f}, "

@@ -60,15 +60,15 @@ def parse_bytes(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
     unit = match and (match.group(2).upper() or "B")
     if not match or unit not in UNITS:
-        raise ValueError(f"{text!r}: expected a size such as 80GB or 80GiB")
+        raise ValueError(f"--device-memory {text!r}: expected a size such as 80GB or 80GiB")
     return int(float(match.group(1)) * UNITS[unit])
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
-    sizes = tuple(int(x) for x in text.split(","))
-    if len(sizes) != 3 or min(sizes) < 1:
-        raise ValueError(f"--mesh {text!r}: expected data,fsdp,tensor device counts, e.g. 1,8,1")
-    return sizes
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise ValueError(f"--mesh {text!r}: expected data,fsdp,tensor device counts (each >= 1), e.g. 1,8,1")
+    return tuple(int(p) for p in parts)
 
 
 def gb(num_bytes: float) -> str:
@@ -86,25 +86,32 @@ def main(argv: list[str] | None = None) -> dict:
                                        "(default: the experiment's mesh over the devices present)")
     parser.add_argument("--device-memory", default="80GB", help="memory of one device, e.g. 80GB or 80GiB")
     parser.add_argument("--model-config", help="an HF config.json (or its directory) instead of the preset")
-    parser.add_argument("--lora", type=int, metavar="RANK", help="model.lora_rank=RANK: LoRA adapters on a frozen base")
+    parser.add_argument("--lora", metavar="RANK", help="model.lora_rank=RANK: LoRA adapters on a frozen base")
     parser.add_argument("--prompt-len", type=int, default=256, help="prompt slots (a bucket; default 256)")
     parser.add_argument("--answer-len", type=int, default=16, help="answer slots (a bucket; default 16)")
     parser.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
     args = parser.parse_intermixed_args(argv)
+    from latro_jax.checkpoint import check_output  # imports JAX, but starts no backend
+    from latro_jax.config import ModelConfig
+    from latro_jax.experiment import ExperimentError, load_experiment
+
     overrides = list(args.overrides)
     try:
         if args.mesh:
-            overrides += [f"mesh.{axis}={size}" for axis, size in zip(("data", "fsdp", "tensor"), parse_mesh(args.mesh))]
+            mesh = parse_mesh(args.mesh)
+            overrides += [f"mesh.{axis}={size}" for axis, size in zip(("data", "fsdp", "tensor"), mesh)]
         device_memory = parse_bytes(args.device_memory)
     except ValueError as e:
-        parser.error(str(e))
-    if args.lora is not None:
+        raise ExperimentError(str(e)) from None
+    if args.lora is not None:  # the experiment checks the rank
         overrides.append(f"model.lora_rank={args.lora}")
+    for option, value in (("--prompt-len", args.prompt_len), ("--answer-len", args.answer_len)):
+        if value < 1:
+            raise ExperimentError(f"{option} {value} is invalid; must be >= 1")
+    if args.json:
+        check_output(args.json, overwrite=True)  # before the compiles, not after
 
-    from latro_jax.config import ModelConfig
-    from latro_jax.experiment import load_experiment
-
-    exp = load_experiment(args.experiment, overrides)  # imports JAX, but starts no backend
+    exp = load_experiment(args.experiment, overrides)
     sizes = (exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor)
     # Must precede JAX's start: the CPU then offers enough devices to simulate a mesh of fixed size.
     if -1 not in sizes and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -118,11 +125,13 @@ def main(argv: list[str] | None = None) -> dict:
     elif exp.model.hf and os.path.exists(exp.model.hf):
         config = ModelConfig.from_hf(exp.model.hf)
     else:
-        parser.error(f"no model shape for model.hf={exp.model.hf!r} model.checkpoint={exp.model.checkpoint!r}; "
-                     f"pass --model-config <config.json> (presets: {', '.join(MODEL_SHAPES)})")
+        raise ExperimentError(f"no model shape for model.hf={exp.model.hf!r} model.checkpoint="
+                              f"{exp.model.checkpoint!r}; pass --model-config <config.json> (presets: "
+                              f"{', '.join(MODEL_SHAPES)})")
     result = plan(exp, config, device_memory, args.prompt_len, args.answer_len)
     print_plan(result)
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {args.json}")

@@ -11,15 +11,16 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 
 import jax
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from latro_jax.checkpoint import HF_DIR, atomic_directory, load_model, refuse_existing, save_model
+from latro_jax.checkpoint import HF_DIR, atomic_directory, check_output, load_model, save_model, write_permissions
 from latro_jax.config import ModelConfig, eos_for_hf
 from latro_jax.convert.weights import (
     WeightError,
@@ -81,29 +82,49 @@ def resolve_source(source: str) -> str:
         ) from None
 
 
+def open_safetensors(file: str):
+    """`safe_open` of one safetensors file (its header is read and checked against the file's size
+    here): a file cut short or not safetensors at all is a WeightError naming it."""
+    try:
+        return safe_open(file, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise WeightError(f"{file}: not a readable safetensors file ({e})") from None
+
+
 def safetensors_files(directory: str) -> dict[str, str]:
-    """Tensor name -> the safetensors file in `directory` that holds it (index or scan)."""
+    """Tensor name -> the safetensors file in `directory` that holds it (index or scan). Every
+    file's header is read: a damaged file is named before any tensor is read."""
     index = os.path.join(directory, SAFETENSORS_INDEX)
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map_ = json.load(f).get("weight_map")
-        if not isinstance(weight_map_, dict):
+        try:
+            with open(index) as f:
+                listed = json.load(f).get("weight_map")
+        except (ValueError, AttributeError) as e:
+            raise WeightError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        if not isinstance(listed, dict):
             raise WeightError(f"{index}: no 'weight_map' object")
-        located = {name: os.path.join(directory, file) for name, file in weight_map_.items()}
-        for file in sorted(set(located.values())):
+        listed = {name: os.path.join(directory, file) for name, file in listed.items()}
+        files = sorted(set(listed.values()))
+        for file in files:
             if not os.path.isfile(file):
                 raise WeightError(f"{index}: lists {os.path.basename(file)}, which is not in {directory}")
-        return located
-    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    else:
+        listed = None
+        files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if not files:
         other = sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "*.bin")))
         hint = f" (found {other}: PyTorch .bin weights are not read; save with safe_serialization)" if other else ""
         raise WeightError(f"{directory}: no *.safetensors weights{hint}")
-    located = {}
+    held = {}
     for file in files:
-        with safe_open(file, framework="numpy") as f:
-            located.update({name: file for name in f.keys()})
-    return located
+        with open_safetensors(file) as f:
+            held[file] = set(f.keys())
+    if listed is None:
+        return {name: file for file in files for name in held[file]}
+    for name, file in listed.items():
+        if name not in held[file]:
+            raise WeightError(f"{index}: lists tensor {name!r} in {os.path.basename(file)}, which does not hold it")
+    return listed
 
 
 def dtype_of_hf_config(hf_config: dict) -> str | None:
@@ -120,7 +141,7 @@ def convert_hf(
 
     `param_dtype` defaults to the checkpoint's own dtype (config.json `dtype`/`torch_dtype`).
     """
-    refuse_existing(output)  # before any download or read, not after
+    check_output(output)  # before any download or read, not after
     directory = resolve_source(source)
     config_path = os.path.join(directory, "config.json")
     config = ModelConfig.from_hf(config_path)
@@ -136,7 +157,7 @@ def convert_hf(
     def read(name: str) -> tuple[np.ndarray, str]:
         file = located[name]
         if file not in handles:
-            handles[file] = safe_open(file, framework="numpy").__enter__()
+            handles[file] = open_safetensors(file).__enter__()
         progress.update()
         return handles[file].get_tensor(name), file
 
@@ -166,6 +187,23 @@ def _generation_config(config: ModelConfig) -> dict:
     }
 
 
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # huggingface_hub's max_shard_size units
+
+
+def shard_size(size: int | str, name: str = "max_shard_size") -> int:
+    """A largest shard in bytes: an int, or a size such as 5GB or 500MB; `name` is the setting's,
+    for the error."""
+    if isinstance(size, int):
+        num_bytes = size
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]{2})\s*", size)
+        unit = match and SIZE_UNITS.get(match.group(2).upper())
+        num_bytes = int(float(match.group(1)) * unit) if unit else 0
+    if num_bytes < 1:
+        raise WeightError(f"{name} {size!r}: expected a size such as 5GB or 500MB (KB, MB, GB or TB)")
+    return num_bytes
+
+
 def export_hf(
     checkpoint: str | os.PathLike,
     output: str | os.PathLike,
@@ -175,8 +213,11 @@ def export_hf(
     """latro-jax checkpoint -> HF directory at `output`.
 
     `dtype` defaults to the source HF checkpoint's dtype when known, else the params' dtype.
-    Shards hold at most `max_shard_size` bytes each (huggingface_hub's splitting rule).
+    Shards hold at most `max_shard_size` bytes each (huggingface_hub's splitting rule). A bad
+    output path or size is an error before the checkpoint is read.
     """
+    check_output(output)
+    shard_size(max_shard_size)
     config, params = load_model(checkpoint)
     export_params(config, params, os.path.join(os.fspath(checkpoint), HF_DIR), output, dtype, max_shard_size)
 
@@ -212,13 +253,14 @@ def export_params(
         shapes,
         get_storage_size=lambda shape: int(np.prod(shape)) * np_dtype.itemsize,
         filename_pattern="model{suffix}.safetensors",
-        max_shard_size=max_shard_size,
+        max_shard_size=shard_size(max_shard_size),
     )
     flat = flat_params(params)
     with atomic_directory(output) as tmp:
         for file, names in tqdm(split.filename_to_tensors.items(), desc="export", unit="shard", leave=False):
             tensors = {name: hf_tensor(config, flat, name, np_dtype) for name in names}
             save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
+            write_permissions(os.path.join(tmp, file))  # safetensors writes 0600: others' servers read it too
             del tensors
         if split.is_sharded:
             index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}

@@ -21,7 +21,8 @@ Path = tuple  # a key path into the params state, e.g. ("layers", 0, "attn", "q_
 
 
 class WeightError(ValueError):
-    """Weights that do not match the model config (missing, unexpected or misshapen tensors)."""
+    """Weights that cannot be read or written as asked: missing, unexpected or misshapen tensors, a
+    damaged safetensors file, a bad shard size."""
 
 
 @dataclasses.dataclass(frozen=True)
