@@ -30,12 +30,13 @@ def checked_start(exp: Experiment, tokenizer=None) -> tuple[jax.sharding.Mesh, o
                               f"saved: rerun with train.updates >= {saved} to train on, or start another run "
                               "(train.output_dir or the experiment's name)")
     mesh = run_mesh(exp)
+    if not exp.pretrain.updates and exp.model.checkpoint:
+        require_checkpoint(exp.model.checkpoint)
+    data = run_data(exp.data)
     if not exp.pretrain.updates:
-        if exp.model.checkpoint:
-            require_checkpoint(exp.model.checkpoint)
         tokenizer = tokenizer or run_tokenizer(exp)
         check_vocabulary(exp, tokenizer)
-    return mesh, tokenizer, run_data(exp.data)
+    return mesh, tokenizer, data
 
 
 def run_mesh(exp: Experiment) -> jax.sharding.Mesh:
@@ -89,6 +90,8 @@ def run_tokenizer(exp: Experiment):
     converted = base_checkpoint(exp)  # model.checkpoint, or model.hf's conversion once made
     source = m.tokenizer or (os.path.join(converted, HF_DIR) if is_checkpoint(converted) else m.hf)
     setting = "model.tokenizer" if m.tokenizer else "model.checkpoint" if m.checkpoint else "model.hf"
+    if not os.path.exists(source) and (os.path.isabs(source) or source.startswith((".", "~"))):
+        raise ExperimentError(f"{setting}: no tokenizer at {source!r}: no such directory")
     try:
         return load_tokenizer(source)
     except (OSError, ValueError) as e:

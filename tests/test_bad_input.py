@@ -76,7 +76,8 @@ CASES = {
     "an empty training file": (
         lambda t, d, c, m: [f"data.source={gsm8k_dir(t / 'empty', [])}"], ["data.train_split='train'", "no questions"]),
     "a missing tokenizer directory": (
-        lambda t, d, c, m: [f"model.tokenizer={t / 'no-tokenizer'}"], ["model.tokenizer", "no-tokenizer"]),
+        lambda t, d, c, m: [f"model.tokenizer={t / 'no-tokenizer'}", f"data.source={real_gsm8k(d)}"],
+        ["model.tokenizer", "no-tokenizer", "no such directory"]),
     "an unknown evaluation split": (
         lambda t, d, c, m: [f"data.source={real_gsm8k(d)}", "data.eval_split=dev"], ["gsm8k has no split 'dev'"]),
     "a data source for the generated task": (

@@ -466,7 +466,7 @@ def _hub_rows(repo: str, config: str, split: str) -> Iterator[tuple[Mapping, str
             rows = datasets.load_dataset(repo, config, split=split)
     except Exception as e:  # no network, no access, a moved dataset: one line, and the way round it
         raise DataError(f"{repo} ({config}, {split}) could not be loaded from the HF hub ({_innermost(e)}); without "
-                        "network access set data.source to a local copy (a directory of {split}.jsonl)") from None
+                        f"network access set data.source to a local copy (a directory with {split}.jsonl)") from None
     for number, row in enumerate(rows, start=1):
         yield row, f"{repo} ({config}, {split}) row {number}"
 
