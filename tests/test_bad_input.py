@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
+import sys
 
 import pytest
 
@@ -13,7 +15,7 @@ from conftest import require
 from hf_models import make_hf_model
 from latro_jax.convert.hf import convert_hf
 from latro_jax.experiment import ExperimentError, load_experiment
-from test_tasks import train_command, write_jsonl
+from test_tasks import REPO, train_command, write_jsonl
 
 GSM8K_ROW = {"question": "What is 3+4?", "answer": "3+4=7\n#### 7"}
 
@@ -108,21 +110,29 @@ def test_bad_input_gets_one_line_and_exit_2_and_nothing_is_written(case, checkpo
     assert not output.exists()
 
 
-def test_a_failed_first_start_leaves_no_directory(checkpoints, test_data, tmp_path, monkeypatch, capsys):
-    """An HF model without weights fails in its conversion, after the run directory was made."""
+@pytest.mark.parametrize("weights", ["none", "truncated"])
+def test_a_failed_first_start_leaves_no_directory(weights, checkpoints, test_data, tmp_path, monkeypatch, capsys):
+    """An HF model without weights, or with a truncated model.safetensors, fails in its conversion,
+    after the run directory was made: one line naming the file, and no directory left."""
     import shutil
 
-    hf = tmp_path / "hf-without-weights"
+    source = os.path.join(os.path.dirname(checkpoints["fits"]), "hf")
+    hf = tmp_path / "hf-model"
     hf.mkdir()
-    shutil.copy(os.path.join(os.path.dirname(checkpoints["fits"]), "hf", "config.json"), hf)
+    shutil.copy(os.path.join(source, "config.json"), hf)
     for name in os.listdir(os.path.join(checkpoints["fits"], "hf")):  # the tokenizer's files
         if "token" in name or name.endswith(".jinja"):
             shutil.copy(os.path.join(checkpoints["fits"], "hf", name), hf)
+    if weights == "truncated":
+        data = open(os.path.join(source, "model.safetensors"), "rb").read()
+        (hf / "model.safetensors").write_bytes(data[: len(data) // 2])
     output = tmp_path / "runs" / "here"
     code, err = train_command(["gsm8k_llama", f"model.hf={hf}", f"train.output_dir={output}",
                                f"data.source={real_gsm8k(test_data)}"], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert str(hf) in err and "safetensors" in err
+    if weights == "truncated":
+        assert f"{hf / 'model.safetensors'}: not a readable safetensors file" in err, err
     assert not (tmp_path / "runs").exists()
 
 
@@ -152,3 +162,15 @@ def test_the_documented_command_with_model_checkpoint_validates():
         load_experiment("gsm8k_llama", ["model.checkpoint=ckpt/llama", "model.hf=meta-llama/x"])
     mesh = load_experiment("gsm8k_llama", ["mesh.data=-1", "mesh.fsdp=1"]).mesh
     assert mesh == load_experiment("gsm8k_llama", ["mesh.fsdp=1", "mesh.data=-1"]).mesh  # any order
+
+
+def test_eval_of_an_unknown_split_is_one_line(checkpoints, test_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "results.json"
+    monkeypatch.setattr(sys, "argv", ["eval.py", checkpoints["fits"], "--task", "gsm8k", "--source",
+                                      real_gsm8k(test_data), "--split", "dev", "--out", str(out)])
+    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(os.path.join(REPO, "tools", "eval.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "gsm8k has no split 'dev'" in err and not out.exists()
