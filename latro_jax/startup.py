@@ -6,8 +6,10 @@ DataError line naming the setting, file or split; nothing has been written then.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 
 import jax
 
@@ -16,7 +18,7 @@ from latro_jax.data.prompts import load_tokenizer
 from latro_jax.data.tasks import run_data
 from latro_jax.experiment import Experiment, ExperimentError
 from latro_jax.runs import base_checkpoint, check_resumable
-from latro_jax.sharding import make_mesh
+from latro_jax.sharding import is_primary, make_mesh
 
 
 def checked_start(exp: Experiment, tokenizer=None) -> tuple[jax.sharding.Mesh, object, tuple]:
@@ -75,6 +77,19 @@ def first_missing(path: str) -> str | None:
     while not os.path.exists(path):
         path, missing = os.path.dirname(path), path
     return missing
+
+
+@contextlib.contextmanager
+def removed_on_failure(path: str):
+    """Remove the directories that making `path` created if the block fails (a first start that
+    fails past the checks, e.g. in the HF conversion, leaves nothing behind)."""
+    created = first_missing(path)
+    try:
+        yield
+    except BaseException:
+        if created and is_primary():
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 def saved_step(run_dir: str) -> int | None:

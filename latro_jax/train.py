@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +39,7 @@ from latro_jax.runs import (
 )
 from latro_jax.sampling import SamplingConfig
 from latro_jax.sharding import global_max, is_primary, micro_batch_rows, opt_state_shardings, to_host
-from latro_jax.startup import checked_start, first_missing, require_checkpoint
+from latro_jax.startup import checked_start, removed_on_failure, require_checkpoint
 from latro_jax.update import (
     applied_updates, commit, latro_rows_loss, make_optimizer, policy_param_dtype, reference_params, schedule,
     sft_rows_loss, update_jit,
@@ -228,14 +227,9 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
     """
     t = exp.train
     mesh, tokenizer, data = checked_start(exp, tokenizer)
-    created = first_missing(exp.run_dir)
-    start_run_dir(exp)
-    try:
+    with removed_on_failure(exp.run_dir):  # a failed first start leaves no directory behind
+        start_run_dir(exp)
         setup, state = set_up(exp, mesh, data, tokenizer, progress)
-    except BaseException:
-        if created and is_primary():  # a failed first start leaves no directory behind
-            shutil.rmtree(created, ignore_errors=True)
-        raise
     checkpoints = Checkpoints(exp)
     state, step = checkpoints.restore(state)  # pi_0 is the starting weights: checkpoints keep no copy
     redo_evaluation = evaluation_pending(exp, step)
@@ -243,8 +237,8 @@ def run(exp: Experiment, tokenizer=None, stop_after: int | None = None, progress
     train_step, key = STEPS[t.method], jax.random.key(t.seed)
     update_step = update_jit(state["params"], state["opt_state"])  # outputs keep the shardings placed above
     applied = applied_updates(state["opt_state"])  # the schedule's step: it skips non-finite updates
-    metrics, done_here = {}, 0
-    bar = tqdm(total=t.updates, initial=step, desc=exp.name, unit="update", disable=not (progress and is_primary()))
+    metrics, done_here, bar = {}, 0, tqdm(total=t.updates, initial=step, desc=exp.name, unit="update",
+                                          disable=not (progress and is_primary()))
     with stop_requests() as stop, jax.set_mesh(setup.mesh):
         try:
             if redo_evaluation:

@@ -161,7 +161,7 @@ def test_lora_on_a_mesh_equals_one_device(tmp_path):
 
 def _runs(directory: str) -> dict:
     """The one-device run (on the first device), then each mesh's."""
-    from latro_jax import train
+    from latro_jax import startup
     from latro_jax.sharding import MeshSpec, make_mesh
 
     jax.config.update("jax_default_matmul_precision", "highest")  # as in conftest.py
@@ -171,7 +171,7 @@ def _runs(directory: str) -> dict:
     assert jax.device_count() == 8, jax.devices()
     one_device = functools.partial(make_mesh, devices=jax.devices()[:1])
     checkpoint = make_base(directory, one_device(MeshSpec()))
-    with mock.patch.object(train, "make_mesh", one_device):
+    with mock.patch.object(startup, "make_mesh", one_device):  # the run's mesh is made at start-up
         reference = trained(experiment(checkpoint, directory, (1, 1, 1)))
     meshes = {",".join(map(str, mesh)): trained(experiment(checkpoint, directory, mesh)) for mesh in MESHES}
     return {"one_device": reference, "meshes": meshes}
