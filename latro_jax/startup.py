@@ -105,6 +105,11 @@ def run_tokenizer(exp: Experiment):
     converted = base_checkpoint(exp)  # model.checkpoint, or model.hf's conversion once made
     source = m.tokenizer or (os.path.join(converted, HF_DIR) if is_checkpoint(converted) else m.hf)
     setting = "model.tokenizer" if m.tokenizer else "model.checkpoint" if m.checkpoint else "model.hf"
+    return named_tokenizer(source, setting)
+
+
+def named_tokenizer(source: str, setting: str):
+    """The tokenizer at `source` (a directory or hub id); a failure is one line naming `setting`."""
     if not os.path.exists(source) and (os.path.isabs(source) or source.startswith((".", "~"))):
         raise ExperimentError(f"{setting}: no tokenizer at {source!r}: no such directory")
     try:

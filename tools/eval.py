@@ -82,6 +82,7 @@ def main() -> None:
     from latro_jax.evaluate import evaluate
     from latro_jax.experiment import ExperimentError
     from latro_jax.runs import is_run_step
+    from latro_jax.startup import named_tokenizer
 
     # What the command line gets wrong is said before anything is read.
     for option, value, least in (("--maj-k", args.maj_k, 1), ("--max-new-tokens", args.max_new_tokens, 1),
@@ -93,13 +94,7 @@ def main() -> None:
         check_not_steps(args.model)  # a run's best/ rather than one of its steps
     task = task_of(task_settings(args.model, args.task, args.source, args.settings))
     examples = load_split(task, args.split)[: args.limit or None]  # bad data stops here, before the model loads
-    tokenizer = None
-    if args.tokenizer:  # before the model, too
-        try:
-            tokenizer = load_tokenizer(args.tokenizer)
-        except (OSError, ValueError) as e:
-            raise ExperimentError(f"--tokenizer {args.tokenizer!r}: no tokenizer could be loaded "
-                                  f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
+    tokenizer = named_tokenizer(args.tokenizer, "--tokenizer") if args.tokenizer else None  # before the model
     config, params, tokenizer_dir = load(args.model, args.dtype)
     tokenizer = tokenizer or load_tokenizer(tokenizer_dir)
     result = evaluate(config, params, tokenizer, prompt_format(tokenizer), examples, task, args.max_new_tokens,
